@@ -1,0 +1,130 @@
+"""The attention function and mask builder registered with transformers.
+
+The mask builder does not materialise a mask: it records where the queries sit in the
+stream and which tokens are padding (:class:`MaskInfo`).  The attention function combines
+that with its layer's :class:`~swa_patch.masks.LayerSpec` (set on the module by
+``patch_model``) into a :class:`~swa_patch.backends.layout.KeyLayout`, and calls a backend.
+Caches made by :func:`swa_patch.make_cache` hand their own layout (sink slots included)
+through the ``swa_keys`` keyword.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .backends import BACKEND_MODULES, flash_available
+from .backends.layout import KeyLayout
+from .masks import LayerSpec, first_real_index
+
+logger = logging.getLogger("swa_patch")
+
+DECODE_MAX_QUERIES = 128   # shorter calls (decode steps, small chunks) use the sdpa kernel
+FLEX_MIN_QUERIES = 2048    # auto: flex pays its compile only on long no-grad prefills
+
+
+@dataclass
+class MaskInfo:
+    """What the registered mask builder hands each layer instead of a mask."""
+    q_offset: int
+    padding: torch.Tensor | None   # [B, past + q] bool (1 = real token), None if no padding
+    memo: dict = field(default_factory=dict)   # per-forward work shared by layers (block masks)
+
+
+def mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, **kwargs) -> MaskInfo:
+    padding = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        padding = attention_mask.bool()
+    return MaskInfo(int(q_offset), padding)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    spec: LayerSpec
+    backend: str
+
+
+def swa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                  softcap=None, s_aux=None, swa_keys: KeyLayout | None = None, **kwargs):
+    """query ``[B, H, q, D]``, key/value ``[B, Hkv, kv, D]`` (rotated, cache included)
+    -> (``[B, q, H, D]``, None)."""
+    plan: LayerPlan = module._swa_plan
+    if isinstance(attention_mask, torch.Tensor):
+        raise ValueError("swa_patch builds its own masks; a prepared 4-D attention_mask cannot be "
+                         "combined with the sliding window. Pass a 2-D padding mask instead.")
+    if dropout and module.training:
+        raise ValueError(f"attention dropout ({dropout}) is not supported by swa_patch; set "
+                         "config.attention_dropout = 0.0")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    layout = swa_keys if swa_keys is not None else contiguous_layout(attention_mask, query, key, value,
+                                                                     plan.spec)
+    backend = choose_backend(plan.backend, query, plan.spec, layout, s_aux is not None)
+    out = BACKEND_MODULES[backend].attend(query, key, value, layout, plan.spec, scaling, softcap, s_aux)
+    return out, None
+
+
+def contiguous_layout(info: MaskInfo | None, query, key, value, spec: LayerSpec) -> KeyLayout:
+    """Layout of keys that a plain forward or a transformers cache returns: one contiguous
+    block ending at the last query.  Sinks are gathered from that block."""
+    b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+    q_start = lk - lq if info is None else info.q_offset
+    k_start = q_start + lq - lk
+    padding = None if info is None else info.padding
+    if padding is not None and padding.shape[1] < q_start + lq:
+        raise ValueError(f"attention_mask covers {padding.shape[1]} tokens but the stream has "
+                         f"{q_start + lq}; pass the mask of every token seen so far")
+    key_real = None if padding is None else padding[:, k_start:k_start + lk]
+    oldest_needed = 0 if spec.window is None else max(0, q_start - spec.span + 1)
+    if k_start > oldest_needed:
+        raise RuntimeError(f"the cache kept keys from position {k_start} on, but this layer's window "
+                           f"needs them from {oldest_needed}: use swa_patch.make_cache(model)")
+    layout = KeyLayout(q_start, k_start, key_real, memo=None if info is None else info.memo)
+    if spec.window is None or not spec.sinks:
+        return layout
+    first = (torch.zeros(b, dtype=torch.long, device=key.device) if padding is None
+             else first_real_index(padding))
+    index = first[:, None] + torch.arange(spec.sinks, device=key.device)
+    exists = index < q_start + lq
+    if bool((exists & (index < k_start)).any()):
+        raise RuntimeError("the cache dropped the attention-sink tokens: use swa_patch.make_cache(model)")
+    local = (index - k_start).clamp(0, lk - 1)
+    valid = exists if key_real is None else exists & key_real.gather(1, local)
+    gather = local[:, None, :, None].expand(b, key.shape[1], spec.sinks, key.shape[3])
+    layout.sink_k, layout.sink_v = key.gather(2, gather), value.gather(2, gather)
+    layout.sink_index, layout.sink_valid = index, valid
+    return layout
+
+
+_logged: set = set()
+
+
+def choose_backend(requested: str, query, spec: LayerSpec, layout: KeyLayout, s_aux: bool = False) -> str:
+    """The kernel for one call.  Short query blocks (decode steps, small chunks) always use
+    the sdpa kernel; ``auto`` picks flash on CUDA when installed, flex for long prefills
+    without gradients, sdpa otherwise.  Every choice that differs from the request is logged."""
+    lq = query.shape[2]
+    if requested in ("eager", "sdpa"):
+        return requested
+    if lq <= DECODE_MAX_QUERIES:
+        choice, why = "sdpa", f"{lq} queries (decode step or small chunk)"
+    elif requested == "flash" and (layout.key_real is not None):
+        choice, why = "sdpa", "left padding (flash path here is unpadded)"
+    elif requested != "auto":
+        return requested
+    elif query.is_cuda and flash_available() and spec.dilation == 1:
+        choice, why = "flash", "CUDA with flash-attn"
+    elif s_aux and not query.is_cuda:
+        choice, why = "sdpa", "learned sink logits on CPU (compiled flex has no log-sum-exp there)"
+    elif query.requires_grad and torch.is_grad_enabled():
+        choice, why = ("flex", "CUDA training") if query.is_cuda else ("sdpa", "training on CPU (flex has no CPU backward)")
+    elif lq >= FLEX_MIN_QUERIES:
+        choice, why = "flex", f"long prefill ({lq} queries)"
+    else:
+        choice, why = "sdpa", f"short prefill ({lq} queries)"
+    key = (requested, choice, why.split(" (")[0])
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("swa_patch: backend=%r runs %r for %s", requested, choice, why)
+    return choice

@@ -1,0 +1,104 @@
+"""FlexAttention with a block mask built from the shared predicate (compiled, CPU and CUDA).
+
+Keys are ``[sink slots | contiguous]``; the mask_mod maps each key slot back to its stream
+index and calls :func:`swa_patch.masks.slot_mask`, so flex sees exactly the reference mask
+and skips every block that mask leaves empty.  A dilated window is first permuted into its
+``d`` residue classes (stream index mod d), where it is ``d`` plain bands: the block mask
+then touches no more blocks than the undilated window does.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from ..masks import LayerSpec, band, slot_mask
+from .layout import KeyLayout
+
+
+BLOCK_SIZE = {"cpu": 64, "cuda": 128}   # 64 wastes less of a band on CPU (measured)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _residue_order(start: int, length: int, d: int, device) -> torch.Tensor:
+    """Permutation of ``range(length)`` grouping stream indices ``start + t`` by ``mod d``."""
+    t = torch.arange(length, device=device)
+    return torch.argsort(((start + t) % d) * length + t)
+
+
+def attend(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap=None, s_aux=None):
+    """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` -> ``[B, Lq, H, D]``."""
+    if torch.is_grad_enabled() and q.device.type == "cpu" and q.requires_grad:
+        raise RuntimeError("backend='flex' has no backward on CPU (FlexAttention does not support "
+                           "backward on CPU); use backend='sdpa' or 'auto' for training on CPU")
+    if s_aux is not None and q.device.type == "cpu":
+        raise RuntimeError("backend='flex' cannot apply learned sink logits (s_aux) on CPU: compiled "
+                           "FlexAttention on CPU returns no log-sum-exp; use backend='sdpa' or 'auto'")
+    b, _, lq, _ = q.shape
+    lk, n_s = k.shape[2], layout.n_sinks
+    d = spec.dilation if spec.window is not None else 1
+    dev = q.device
+    q_pos = layout.q_start + torch.arange(lq, device=dev)
+    k_pos = layout.k_start + torch.arange(lk, device=dev)
+    real = layout.key_real
+    if d > 1:
+        q_perm, k_perm = _residue_order(layout.q_start, lq, d, dev), _residue_order(layout.k_start, lk, d, dev)
+        q, q_pos = q[:, :, q_perm], q_pos[q_perm]
+        k, v, k_pos = k[:, :, k_perm], v[:, :, k_perm], k_pos[k_perm]
+        real = None if real is None else real[:, k_perm]
+    k, v = layout.keys_with_sinks(k, v)
+    memo_key = ("flex", spec, layout.q_start, layout.k_start, lq, lk, n_s)
+    block_mask = None if layout.memo is None else layout.memo.get(memo_key)
+    if block_mask is None:
+        mask_mod = _mask_mod(spec, q_pos, k_pos, real, layout, n_s)
+        block_mask = create_block_mask(mask_mod, b if (real is not None or n_s) else None, None, lq,
+                                       n_s + lk, device=dev, BLOCK_SIZE=BLOCK_SIZE[dev.type], _compile=True)
+        if layout.memo is not None:
+            layout.memo[memo_key] = block_mask
+    score_mod = None
+    if softcap:
+        def score_mod(score, b_, h_, qi, kj):
+            return torch.tanh(score / softcap) * softcap
+    result = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                              enable_gqa=q.shape[1] != k.shape[1], return_lse=s_aux is not None)
+    out = result
+    if s_aux is not None:   # one extra softmax column per head, value zero
+        out, lse = result
+        out = out * torch.sigmoid(lse - s_aux.float().view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
+    if d > 1:
+        out = out[:, :, torch.argsort(q_perm)]
+    return out.transpose(1, 2)
+
+
+def _mask_mod(spec, q_pos, k_pos, real, layout, n_s):
+    """mask_mod(b, h, q_idx, kv_idx) over (sink slots | contiguous keys)."""
+    lk = k_pos.shape[0]
+    if real is None:
+        real = torch.ones(1, lk, dtype=torch.bool, device=k_pos.device)
+    real_rows = real.shape[0]
+
+    def contiguous(b, h, qi, kj):
+        kc = (kj - n_s).clamp(0, lk - 1)
+        return slot_mask(spec, q_pos[qi], k_pos[kc], kj < 0, real[b % real_rows, kc])
+
+    def band_only(b, h, qi, kj):   # no padding, no sinks: the predicate alone
+        return band(q_pos[qi], k_pos[kj], spec)
+
+    if not n_s and layout.key_real is None:
+        return band_only
+
+    if not n_s:
+        return contiguous
+    s_index, s_valid = layout.sink_index, layout.sink_valid
+
+    def with_sinks(b, h, qi, kj):
+        ks = kj.clamp(0, n_s - 1)
+        sink = slot_mask(spec, q_pos[qi], s_index[b, ks], kj >= 0, s_valid[b, ks])
+        return torch.where(kj < n_s, sink, contiguous(b, h, qi, kj))
+
+    return with_sinks

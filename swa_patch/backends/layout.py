@@ -1,0 +1,81 @@
+"""Where each query and key of one attention call sits in the stream.
+
+Every backend receives keys in one layout: ``S`` *sink slots* (copies of the first S real
+tokens, held in ``sink_k``/``sink_v``) plus a *contiguous* block of keys with stream
+indices ``k_start, k_start+1, ...`` that ends at the last query.  Queries have stream
+indices ``q_start, q_start+1, ...``.  The visibility of every slot is decided by
+:func:`swa_patch.masks.slot_mask`, so all backends share one mask predicate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..masks import LayerSpec, slot_mask
+
+
+@dataclass
+class KeyLayout:
+    q_start: int
+    k_start: int
+    key_real: torch.Tensor | None = None    # [B, Lk] bool, contiguous keys that are real tokens
+    sink_k: torch.Tensor | None = None      # [B, Hkv, S, D]
+    sink_v: torch.Tensor | None = None      # [B, Hkv, S, D]
+    sink_index: torch.Tensor | None = None  # [B, S] stream index each sink slot holds
+    sink_valid: torch.Tensor | None = None  # [B, S] bool, slot holds a real, already-seen token
+    memo: dict | None = None                # shared by the layers of one forward (flex block masks)
+
+    @property
+    def n_sinks(self) -> int:
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
+
+    def dense_mask(self, spec: LayerSpec, q_len: int, k_len: int, batch: int, device) -> torch.Tensor:
+        """Boolean ``[B, q_len, S + k_len]`` mask over (sink slots, contiguous keys)."""
+        i = self.q_start + torch.arange(q_len, device=device)[:, None]
+        jc = self.k_start + torch.arange(k_len, device=device)
+        real = (torch.ones(batch, k_len, dtype=torch.bool, device=device)
+                if self.key_real is None else self.key_real)
+        contiguous = slot_mask(spec, i[None], jc[None, None], torch.zeros((), dtype=torch.bool,
+                               device=device), real[:, None, :])
+        if not self.n_sinks:
+            return contiguous
+        sinks = slot_mask(spec, i[None], self.sink_index[:, None, :], torch.ones((), dtype=torch.bool,
+                          device=device), self.sink_valid[:, None, :])
+        return torch.cat([sinks, contiguous], dim=-1)
+
+    def keys_with_sinks(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.n_sinks:
+            return k, v
+        return torch.cat([self.sink_k, k], dim=2), torch.cat([self.sink_v, v], dim=2)
+
+
+def math_attention(q, k, v, mask, scale, softcap=None, s_aux=None):
+    """Explicit attention.  q ``[..., H, Lq, D]``, k/v ``[..., Hkv, Lk, D]``, mask broadcastable
+    to ``[..., H, Lq, Lk]`` (bool).  ``s_aux`` ``[H]``: GPT-OSS learned sink logits, one extra
+    softmax column per head whose value is dropped.  Returns ``[..., H, Lq, D]``."""
+    groups = q.shape[-3] // k.shape[-3]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if s_aux is not None:
+        extra = s_aux.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, extra], dim=-1)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if s_aux is not None:
+        probs = probs[..., :-1]
+    return torch.matmul(probs, v)
+
+
+def fused_attention(q, k, v, mask, scale, softcap=None, s_aux=None):
+    """torch SDPA where it can express the call (no softcap, no learned sinks), else math."""
+    if softcap or s_aux is not None:
+        return math_attention(q, k, v, mask, scale, softcap, s_aux)
+    if mask is not None and mask.dim() == q.dim() - 1:
+        mask = mask.unsqueeze(-3)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])

@@ -1,0 +1,113 @@
+"""Block-sparse band attention on torch SDPA, O(n*W) work and memory, with backward.
+
+Queries are cut into blocks of ``bq``; block ``t`` attends only to its key band (``bq + W - 1``
+keys, gathered for all blocks at once with ``unfold``) plus the sink slots, in one batched
+SDPA call.  The band mask is the same for every block (the window is translation
+invariant), so only key validity varies per block.  A dilated window is split into ``d``
+residue classes (stream index mod d): each is a plain window of W over its own
+subsequence, so dilated work equals undilated work.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..masks import LayerSpec, slot_mask
+from .layout import KeyLayout, fused_attention
+
+
+def block_size(window: int) -> int:
+    """Query block: small enough that ``(bq + W - 1) / W`` wasted work stays ~1.25x."""
+    return max(32, min(256, window // 4))
+
+
+def attend(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap=None, s_aux=None):
+    """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (contiguous, ending at the last query)
+    -> ``[B, Lq, H, D]``."""
+    lq, lk = q.shape[2], k.shape[2]
+    if spec.window is None or spec.span >= layout.q_start + lq - layout.k_start:
+        return _dense(q, k, v, layout, spec, scale, softcap, s_aux)
+    d = spec.dilation
+    if d == 1:
+        return _band(q, k, v, layout, spec, scale, softcap, s_aux,
+                     layout.q_start, layout.k_start, torch.arange(lq, device=q.device))
+    out = q.new_empty(q.shape[0], lq, q.shape[1], q.shape[3])
+    for r in range(d):
+        tq, tk = (r - layout.q_start) % d, (r - layout.k_start) % d
+        if tq >= lq:
+            continue
+        sub = KeyLayout(layout.q_start, layout.k_start, None if layout.key_real is None
+                        else layout.key_real[:, tk::d], layout.sink_k, layout.sink_v,
+                        layout.sink_index, layout.sink_valid)
+        q_rows = torch.arange(tq, lq, d, device=q.device)
+        out[:, tq::d] = _band(q[:, :, tq::d], k[:, :, tk::d], v[:, :, tk::d], sub, spec, scale,
+                              softcap, s_aux, (layout.q_start + tq) // d,
+                              (layout.k_start + tk) // d, q_rows)
+    return out
+
+
+def _dense(q, k, v, layout, spec, scale, softcap, s_aux):
+    """The band covers every key: one SDPA call (plain causal when nothing else applies)."""
+    lq, lk = q.shape[2], k.shape[2]
+    plain = (layout.key_real is None and not layout.n_sinks and lq == lk
+             and layout.q_start == layout.k_start and not softcap and s_aux is None)
+    if plain:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2)
+    mask = layout.dense_mask(spec, lq, lk, q.shape[0], q.device)
+    k, v = layout.keys_with_sinks(k, v)
+    return fused_attention(q, k, v, mask, scale, softcap, s_aux).transpose(1, 2)
+
+
+def _band(q, k, v, layout, spec, scale, softcap, s_aux, q0, k0, q_rows):
+    """Plain window ``W`` in sub-index space: query sub-index ``q0 + t`` sees key sub-indices
+    ``(q0 + t - W, q0 + t]``; ``k0`` is the sub-index of ``k[:, :, 0]``.  ``q_rows`` maps each
+    query to its row in the caller's query tensor (for stream indices of sink masks)."""
+    b, h, lq, dim = q.shape
+    hkv, w = k.shape[1], spec.window
+    bq = block_size(w)
+    nb = -(-lq // bq)
+    kw = bq + w - 1
+    real = (torch.ones(b, k.shape[2], dtype=torch.bool, device=q.device)
+            if layout.key_real is None else layout.key_real)
+    k, v, real = _band_keys(k, v, real, q0 - k0 - w + 1, (nb - 1) * bq + kw)
+    k_blk = k.unfold(2, kw, bq).transpose(-1, -2)              # [B, Hkv, nb, kw, D]
+    v_blk = v.unfold(2, kw, bq).transpose(-1, -2)
+    real_blk = real.unfold(1, kw, bq)                          # [B, nb, kw]
+    u = torch.arange(bq, device=q.device)[:, None]
+    m = torch.arange(kw, device=q.device)[None, :]
+    in_band = (m >= u) & (m <= u + w - 1)
+    mask = in_band & (real_blk[:, :, None, :] | (m == u + w - 1))  # [B, nb, bq, kw]
+    if layout.n_sinks:
+        stream_q = layout.q_start + F.pad(q_rows, (0, nb * bq - lq), value=-1).view(nb, bq, 1)
+        sink_mask = slot_mask(spec, stream_q[None], layout.sink_index[:, None, None, :],
+                              torch.ones((), dtype=torch.bool, device=q.device),
+                              layout.sink_valid[:, None, None, :])      # [B, nb, bq, S]
+        mask = torch.cat([sink_mask, mask], dim=-1)
+        expand = (b, hkv, nb) + layout.sink_k.shape[2:]
+        k_blk = torch.cat([layout.sink_k[:, :, None].expand(expand), k_blk], dim=3)
+        v_blk = torch.cat([layout.sink_v[:, :, None].expand(expand), v_blk], dim=3)
+    q_blk = F.pad(q, (0, 0, 0, nb * bq - lq)).view(b, h, nb, bq, dim)
+    fold = lambda x: x.transpose(1, 2).reshape(b * nb, x.shape[1], *x.shape[3:])
+    out = fused_attention(fold(q_blk), fold(k_blk), fold(v_blk), mask.reshape(b * nb, 1, bq, -1),
+                          scale, softcap, s_aux)                   # [B*nb, H, bq, D]
+    return out.view(b, nb, h, bq, dim).permute(0, 1, 3, 2, 4).reshape(b, nb * bq, h, dim)[:, :lq]
+
+
+def _band_keys(k, v, real, offset, length):
+    """Slice or zero-pad keys so that index 0 is key ``offset`` and there are ``length``."""
+    if offset >= 0:
+        k, v, real = k[:, :, offset:], v[:, :, offset:], real[:, offset:]
+        left = 0
+    else:
+        left = -offset
+    right = length - left - k.shape[2]
+    if right < 0:
+        k, v, real = k[:, :, :right], v[:, :, :right], real[:, :right]
+        right = 0
+    if left or right:
+        k = F.pad(k, (0, 0, left, right))
+        v = F.pad(v, (0, 0, left, right))
+        real = F.pad(real, (left, right), value=False)
+    return k, v, real

@@ -1,0 +1,41 @@
+"""Every touch of transformers internals lives here, so a release bump is a one-file change."""
+from __future__ import annotations
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+# A name free of "flash", "sdpa", "flex_attention" and of the "org/name" shape, which
+# trigger transformers' own dispatch checks or Hub kernel loading.
+ATTN_NAME = "swa_patch_band"
+
+
+def register(attention_fn, mask_builder) -> None:
+    """Register the attention function and, under the same name, the mask builder (without
+    the builder every layer would get ``attention_mask=None``: the window would be lost)."""
+    AttentionInterface.register(ATTN_NAME, attention_fn)
+    AttentionMaskInterface.register(ATTN_NAME, mask_builder)
+
+
+def attention_modules(model):
+    """(layer_idx, module) for each self-attention module that dispatches through transformers'
+    attention interface."""
+    found = []
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int):
+            found.append((module.layer_idx, module))
+    return found
+
+
+def attn_implementation(model) -> str | None:
+    return model.config._attn_implementation
+
+
+def set_attn_implementation(model, name) -> None:
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(f"transformers did not switch {type(model).__name__} to attention "
+                           f"{name!r} (it reports {model.config._attn_implementation!r})")
+
+
+def text_config(model):
+    return model.config.get_text_config(decoder=True)

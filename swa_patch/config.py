@@ -1,0 +1,139 @@
+"""The settings object: validation before any weight is touched, and (de)serialisation."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from .masks import LayerSpec
+
+logger = logging.getLogger("swa_patch")
+
+BACKENDS = ("auto", "eager", "sdpa", "flex", "flash")
+POSITION_MODES = ("original", "shift")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_int(name: str, value, low: int, allow_none: bool = False):
+    if value is None and allow_none:
+        return
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int >= {low}{' or None' if allow_none else ''}, "
+                        f"got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _per_layer(name: str, value, n_layers: int | None) -> list | None:
+    """A scalar stays a scalar (None); a list must have one entry per layer."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    if n_layers is not None and len(value) != n_layers:
+        raise ValueError(f"{name} has {len(value)} entries but the model has {n_layers} layers; "
+                         f"give one entry per layer (num_hidden_layers={n_layers})")
+    return list(value)
+
+
+@dataclass
+class SWAConfig:
+    """How a model is patched.
+
+    window: keys each query sees, itself included (``i - W < j <= i``); an int, or one
+        entry per layer (``None`` = full attention for that layer).
+    sinks: the first ``sinks`` real tokens stay visible to every query (StreamingLLM).
+    dilation: query ``i`` sees ``i - k*d`` for ``k < W``; an int or one per layer.
+    full_layers: layer indices that keep full causal attention.
+    backend: ``auto`` picks per call and logs its choice; or one of eager/sdpa/flex/flash.
+    positions: ``original`` (absolute positions; decoding equals the training band mask) or
+        ``shift`` (StreamingLLM positions inside the cache); default: shift iff sinks > 0.
+    """
+
+    window: int | list | None = None
+    sinks: int = 0
+    dilation: int | list = 1
+    full_layers: list[int] | None = None
+    backend: str = "auto"
+    positions: str | None = None
+    schedule: str | None = None
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, n_layers: int | None = None) -> "SWAConfig":
+        if self.schedule is not None:
+            from .schedules import SCHEDULES  # named schedules are expanded per model
+            if self.schedule not in SCHEDULES:
+                raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
+        if self.window is None and self.schedule is None:
+            raise TypeError("window is required: an int >= 1 (keys each query sees, itself included)")
+        windows = _per_layer("window", self.window, n_layers)
+        for w in windows if windows is not None else [self.window]:
+            _check_int("window", w, 1, allow_none=windows is not None or self.schedule is not None)
+        _check_int("sinks", self.sinks, 0)
+        dilations = _per_layer("dilation", self.dilation, n_layers)
+        for d in dilations if dilations is not None else [self.dilation]:
+            _check_int("dilation", d, 1)
+        if self.full_layers is not None:
+            if not isinstance(self.full_layers, (list, tuple)):
+                raise TypeError(f"full_layers must be a list of layer indices, got {self.full_layers!r}")
+            for i in self.full_layers:
+                _check_int("full_layers entry", i, 0)
+                if n_layers is not None and i >= n_layers:
+                    raise ValueError(f"full_layers entry {i} is out of range: the model has layers "
+                                     f"0..{n_layers - 1}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.positions is not None and self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES} or None, got {self.positions!r}")
+        if self.backend == "flash" and any(d > 1 for d in (dilations or [self.dilation])):
+            raise ValueError("backend='flash' cannot express dilation > 1 (flash-attn windows are "
+                             "contiguous); use backend='sdpa', 'flex' or 'auto'")
+        return self
+
+    @property
+    def position_mode(self) -> str:
+        return self.positions or ("shift" if self.sinks > 0 else "original")
+
+    def layer_specs(self, n_layers: int, native_full: set[int] = frozenset()) -> list[LayerSpec]:
+        """One :class:`LayerSpec` per layer.  Layers the model declares full stay full unless
+        the user gave a per-layer window list (which then says everything)."""
+        self.validate(n_layers)
+        if self.schedule is not None:
+            from .schedules import expand_schedule
+            windows, dilations = expand_schedule(self, n_layers)
+        else:
+            windows = _per_layer("window", self.window, n_layers) or [self.window] * n_layers
+            dilations = _per_layer("dilation", self.dilation, n_layers) or [self.dilation] * n_layers
+        full = set(self.full_layers or ())
+        if not isinstance(self.window, (list, tuple)):
+            full |= set(native_full)
+        return [LayerSpec(None) if (i in full or windows[i] is None)
+                else LayerSpec(windows[i], dilations[i], self.sinks) for i in range(n_layers)]
+
+    # ---- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        from . import __version__
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **out, "version": __version__}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SWAConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        data = dict(data)
+        data.pop("version", None)
+        unknown = {k: data.pop(k) for k in list(data) if k not in known}
+        if unknown:
+            logger.warning("swa_patch: ignoring settings this version does not know: %s", sorted(unknown))
+        return cls(**data, extra=unknown)
+
+    @classmethod
+    def from_kwargs(cls, window, sinks, options: dict) -> "SWAConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"window", "sinks", "extra"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"patch_model got unknown option(s) {unknown}; allowed: {sorted(known)}")
+        return cls(window=window, sinks=sinks, **options)

@@ -1,0 +1,94 @@
+"""patch_model / unpatch_model: registration, per-layer plans, config write-back."""
+from __future__ import annotations
+
+import logging
+
+from . import compat
+from .attention import LayerPlan, mask_builder, swa_attention
+from .backends import check_available
+from .config import SWAConfig
+from .families import family_of, native_full_layers
+
+logger = logging.getLogger("swa_patch")
+
+CONFIG_KEY = "swa_patch"      # namespaced block written into config.json
+_STATE = "_swa_patch_state"   # what unpatch_model needs to restore
+
+
+def patch_model(model, window=None, sinks: int = 0, **options):
+    """Give ``model`` sliding-window attention in place and return it.
+
+    ``window`` keys per query, itself included (``i - W < j <= i``); ``sinks`` first real
+    tokens always visible.  Options: see :class:`swa_patch.config.SWAConfig`.  Everything is
+    validated before the model is touched; patching twice with the same settings is a no-op,
+    with other settings an error.
+    """
+    settings = options.pop("settings", None) or SWAConfig.from_kwargs(window, sinks, options)
+    text_config = _check_model(model)
+    family = family_of(text_config)
+    n_layers = text_config.num_hidden_layers
+    specs = settings.layer_specs(n_layers, native_full_layers(text_config))
+    if family.rope == "absolute" and settings.positions == "shift":
+        raise ValueError(f"positions='shift' needs rotary position embeddings; "
+                         f"{text_config.model_type} uses absolute positions: use positions='original'")
+    check_available(settings.backend, next(model.parameters()).device)
+    state = getattr(model, _STATE, None)
+    if state is not None:
+        if state["settings"].to_dict() == settings.to_dict():
+            return model
+        raise ValueError(f"model is already patched with {state['settings']}; call "
+                         f"swa_patch.unpatch_model(model) before patching with {settings}")
+    modules = compat.attention_modules(model)
+    if len(modules) != n_layers:
+        raise ValueError(f"found {len(modules)} attention modules for {n_layers} layers in "
+                         f"{type(model).__name__}; cannot patch this architecture")
+
+    compat.register(swa_attention, mask_builder)
+    state = {"settings": settings, "attn": compat.attn_implementation(model), "specs": specs}
+    for idx, module in modules:
+        module._swa_plan = LayerPlan(specs[idx], settings.backend)
+    compat.set_attn_implementation(model, compat.ATTN_NAME)
+    setattr(text_config, CONFIG_KEY, settings.to_dict())
+    setattr(model, _STATE, state)
+    logger.info("swa_patch: patched %s (%d layers): %s", type(model).__name__, n_layers, settings)
+    from .cache import install_generation_hooks
+    state["hooks"] = install_generation_hooks(model)
+    return model
+
+
+def unpatch_model(model):
+    """Undo :func:`patch_model` exactly; a model that is not patched is returned unchanged."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        return model
+    for hook in state.get("hooks", ()):
+        hook.remove()
+    for _, module in compat.attention_modules(model):
+        module.__dict__.pop("_swa_plan", None)
+    compat.set_attn_implementation(model, state["attn"])
+    text_config = compat.text_config(model)
+    if hasattr(text_config, CONFIG_KEY):
+        delattr(text_config, CONFIG_KEY)
+    delattr(model, _STATE)
+    return model
+
+
+def patch_settings(model) -> SWAConfig | None:
+    state = getattr(model, _STATE, None)
+    return None if state is None else state["settings"]
+
+
+def layer_specs(model):
+    return getattr(model, _STATE)["specs"]
+
+
+def _check_model(model):
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"patch_model needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if getattr(config, "is_encoder_decoder", False) or not hasattr(model, "generate"):
+        raise ValueError(f"patch_model needs a decoder-only causal LM (…ForCausalLM); got "
+                         f"{type(model).__name__}")
+    if not getattr(config, "is_causal", True):
+        raise ValueError("patch_model needs a causal model; this config sets is_causal=False")
+    return compat.text_config(model)
