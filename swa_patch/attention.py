@@ -109,6 +109,8 @@ def choose_backend(requested: str, query, spec: LayerSpec, layout: KeyLayout, s_
         return requested
     if lq <= DECODE_MAX_QUERIES:
         choice, why = "sdpa", f"{lq} queries (decode step or small chunk)"
+    elif layout.key_index is not None:
+        choice, why = "sdpa", "keys from a ring buffer (dense kernel over the cache)"
     elif requested == "flash" and (layout.key_real is not None):
         choice, why = "sdpa", "left padding (flash path here is unpadded)"
     elif requested != "auto":

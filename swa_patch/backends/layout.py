@@ -2,7 +2,8 @@
 
 Every backend receives keys in one layout: ``S`` *sink slots* (copies of the first S real
 tokens, held in ``sink_k``/``sink_v``) plus a *contiguous* block of keys with stream
-indices ``k_start, k_start+1, ...`` that ends at the last query.  Queries have stream
+indices ``k_start, k_start+1, ...`` that ends at the last query (or, for a cache's ring
+buffer, any order given by ``key_index``; only the dense kernels take that form).  Queries have stream
 indices ``q_start, q_start+1, ...``.  The visibility of every slot is decided by
 :func:`swa_patch.masks.slot_mask`, so all backends share one mask predicate.
 """
@@ -25,6 +26,8 @@ class KeyLayout:
     sink_index: torch.Tensor | None = None  # [B, S] stream index each sink slot holds
     sink_valid: torch.Tensor | None = None  # [B, S] bool, slot holds a real, already-seen token
     memo: dict | None = None                # shared by the layers of one forward (flex block masks)
+    key_index: torch.Tensor | None = None   # [Lk] stream index per key slot when the keys are NOT
+                                            # contiguous (a ring buffer); k_start is then unused
 
     @property
     def n_sinks(self) -> int:
@@ -33,7 +36,8 @@ class KeyLayout:
     def dense_mask(self, spec: LayerSpec, q_len: int, k_len: int, batch: int, device) -> torch.Tensor:
         """Boolean ``[B, q_len, S + k_len]`` mask over (sink slots, contiguous keys)."""
         i = self.q_start + torch.arange(q_len, device=device)[:, None]
-        jc = self.k_start + torch.arange(k_len, device=device)
+        jc = (self.k_start + torch.arange(k_len, device=device) if self.key_index is None
+              else self.key_index.to(device))
         real = (torch.ones(batch, k_len, dtype=torch.bool, device=device)
                 if self.key_real is None else self.key_real)
         contiguous = slot_mask(spec, i[None], jc[None, None], torch.zeros((), dtype=torch.bool,

@@ -25,7 +25,8 @@ def attend(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap=None, s_a
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (contiguous, ending at the last query)
     -> ``[B, Lq, H, D]``."""
     lq, lk = q.shape[2], k.shape[2]
-    if spec.window is None or spec.span >= layout.q_start + lq - layout.k_start:
+    if (layout.key_index is not None or spec.window is None
+            or spec.span >= layout.q_start + lq - layout.k_start):
         return _dense(q, k, v, layout, spec, scale, softcap, s_aux)
     d = spec.dilation
     if d == 1:
@@ -49,7 +50,7 @@ def attend(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap=None, s_a
 def _dense(q, k, v, layout, spec, scale, softcap, s_aux):
     """The band covers every key: one SDPA call (plain causal when nothing else applies)."""
     lq, lk = q.shape[2], k.shape[2]
-    plain = (layout.key_real is None and not layout.n_sinks and lq == lk
+    plain = (layout.key_index is None and layout.key_real is None and not layout.n_sinks and lq == lk
              and layout.q_start == layout.k_start and not softcap and s_aux is None)
     if plain:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
