@@ -77,9 +77,9 @@ def math_attention(q, k, v, mask, scale, softcap=None, s_aux=None):
 
 def fused_attention(q, k, v, mask, scale, softcap=None, s_aux=None):
     """torch SDPA where it can express the call (no softcap, no learned sinks), else math."""
-    if softcap or s_aux is not None:
-        return math_attention(q, k, v, mask, scale, softcap, s_aux)
     if mask is not None and mask.dim() == q.dim() - 1:
         mask = mask.unsqueeze(-3)
+    if softcap or s_aux is not None:
+        return math_attention(q, k, v, mask, scale, softcap, s_aux)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])
