@@ -1,0 +1,158 @@
+"""Invariant 1 at attention level: every backend equals the dense reference."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from attn_cases import assert_close_valid, left_padding, random_qkv, reference, run_backend
+from swa_patch.backends import eager, flash, flex, sdpa
+from swa_patch.masks import LayerSpec
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 80), w_off=st.integers(-3, 3), w_small=st.integers(1, 40), near=st.booleans(),
+       sinks=st.integers(0, 4), kv=st.sampled_from([(4, 4), (4, 2), (4, 1)]), pad=st.booleans(),
+       backend=st.sampled_from(["eager", "sdpa"]), seed=st.integers(0, 99))
+def test_random_cases_match_reference(n, w_off, w_small, near, sinks, kv, pad, backend, seed):
+    window = max(1, n + w_off) if near else w_small          # windows at and around n
+    spec = LayerSpec(window, 1, sinks)
+    q, k, v = random_qkv(2, kv[0], kv[1], n, 8, seed=seed)
+    padding = left_padding(2, n, seed) if pad and n > 1 else None
+    module = {"eager": eager, "sdpa": sdpa}[backend]
+    out = run_backend(module, q, k, v, spec, padding)
+    assert_close_valid(out, reference(q, k, v, spec, padding), padding, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,window,sinks", [(300, 64, 0), (300, 64, 4), (257, 256, 2), (257, 257, 3),
+                                            (257, 258, 1), (600, 1, 2), (513, 100, 4)])
+def test_sdpa_band_long_sequences(dtype, n, window, sinks):
+    spec = LayerSpec(window, 1, sinks)
+    q, k, v = random_qkv(1, 4, 2, n, 16, dtype=dtype)
+    out = run_backend(sdpa, q, k, v, spec)
+    ref = reference(q.float(), k.float(), v.float(), spec).to(dtype)
+    torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("softcap,s_aux", [(20.0, None), (None, True), (5.0, True)])
+def test_softcap_and_learned_sinks(softcap, s_aux):
+    spec = LayerSpec(40, 1, 2)
+    q, k, v = random_qkv(2, 4, 2, 150, 16)
+    aux = torch.randn(4) if s_aux else None
+    padding = left_padding(2, 150)
+    ref = reference(q, k, v, spec, padding, softcap, aux)
+    for module in (eager, sdpa):
+        assert_close_valid(run_backend(module, q, k, v, spec, padding, softcap, aux), ref, padding, atol=2e-5)
+
+
+@pytest.mark.parametrize("window,sinks,pad", [(64, 0, False), (64, 4, True), (200, 2, False)])
+def test_sdpa_gradients_match_reference(window, sinks, pad):
+    spec = LayerSpec(window, 1, sinks)
+    q, k, v = random_qkv(2, 4, 2, 260, 16, grad=True)
+    padding = left_padding(2, 260) if pad else None
+    weight = torch.randn(2, 260, 4, 16)
+    if padding is not None:
+        weight = weight * padding[:, :, None, None]
+    grads = []
+    for fn in (lambda: run_backend(sdpa, q, k, v, spec, padding), lambda: reference(q, k, v, spec, padding)):
+        (fn() * weight).sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n,window,sinks,pad,kv", [(300, 64, 0, False, 2), (300, 64, 3, True, 1),
+                                                   (129, 129, 2, False, 4)])
+def test_flex_matches_reference(n, window, sinks, pad, kv):
+    spec = LayerSpec(window, 1, sinks)
+    q, k, v = random_qkv(2, 4, kv, n, 16)
+    padding = left_padding(2, n) if pad else None
+    with torch.no_grad():
+        out = run_backend(flex, q, k, v, spec, padding, softcap=10.0 if pad else None)
+    ref = reference(q, k, v, spec, padding, softcap=10.0 if pad else None)
+    assert_close_valid(out, ref, padding, atol=2e-5)
+
+
+def test_flex_refuses_cpu_backward():
+    q, k, v = random_qkv(1, 2, 2, 64, 8, grad=True)
+    with pytest.raises(RuntimeError, match="no backward on CPU"):
+        run_backend(flex, q, k, v, LayerSpec(16))
+
+
+# ---- flash-attn: argument semantics checked against a stand-in of its documented behaviour ----
+
+def flash_stand_in(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                   return_attn_probs=False, **_):
+    """Pure-torch flash_attn_func: q [B, Lq, H, D], k/v [B, Lk, Hkv, D]; window inclusive on both
+    sides and bottom-right aligned; returns (out, softmax_lse [B, H, Lq], None)."""
+    lq, lk, h = q.shape[1], k.shape[1], q.shape[2]
+    k = k.repeat_interleave(h // k.shape[2], dim=2)
+    v = v.repeat_interleave(h // v.shape[2], dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * softmax_scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    i = torch.arange(lq)[:, None] + (lk - lq)      # bottom-right alignment
+    j = torch.arange(lk)[None, :]
+    left, right = window_size
+    keep = torch.ones(lq, lk, dtype=torch.bool)
+    if causal:
+        right = 0
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), v.float()).to(q.dtype)
+    return out, lse, None
+
+
+@pytest.mark.parametrize("n,window,sinks,softcap,aux", [(200, 32, 0, None, False), (200, 32, 4, None, False),
+                                                        (200, 1, 3, 30.0, True), (90, 100, 2, None, False)])
+def test_flash_path_with_stand_in(monkeypatch, n, window, sinks, softcap, aux):
+    monkeypatch.setattr(flash, "flash_attn_func", flash_stand_in)
+    spec = LayerSpec(window, 1, sinks)
+    q, k, v = random_qkv(2, 4, 2, n, 16)
+    s_aux = torch.randn(4) if aux else None
+    out = run_backend(flash, q, k, v, spec, None, softcap, s_aux)
+    torch.testing.assert_close(out, reference(q, k, v, spec, None, softcap, s_aux), atol=2e-5, rtol=0)
+
+
+def test_flash_stand_in_window_convention():
+    """flash's (W-1, 0) sees exactly W keys, (W, 0) would see W+1: the classic off-by-one."""
+    q, k, v = random_qkv(1, 1, 1, 10, 4)
+    args = dict(softmax_scale=0.5, causal=True, return_attn_probs=True)
+    ours = flash_stand_in(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_size=(2, 0), **args)[0]
+    ref = reference(q, k, v, LayerSpec(3))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_real_flash_attn_kernel(sinks):
+    pytest.importorskip("flash_attn")
+    spec = LayerSpec(128, 1, sinks)
+    q, k, v = (t.cuda().half() for t in random_qkv(2, 8, 2, 1000, 64))
+    out = run_backend(flash, q, k, v, spec)
+    ref = reference(q.float(), k.float(), v.float(), spec)
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_flex_on_cuda_forward_and_backward(sinks):
+    spec = LayerSpec(256, 1, sinks)
+    q, k, v = (t.cuda().detach().requires_grad_() for t in random_qkv(1, 8, 2, 2048, 64))
+    out = run_backend(flex, q, k, v, spec)
+    ref = reference(q, k, v, spec)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=0)
+    out.sum().backward()
+    grad_q = q.grad.clone()
+    q.grad = None
+    ref.sum().backward()
+    torch.testing.assert_close(grad_q, q.grad, atol=2e-3, rtol=0)
