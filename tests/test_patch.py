@@ -221,3 +221,16 @@ def test_auto_backend_logs_its_choice(caplog):
     with caplog.at_level(logging.INFO, logger="swa_patch"), torch.no_grad():
         model(_ids(200, b=1))
     assert any("backend='auto' runs 'sdpa'" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("requested,lq,grad,expected", [
+    ("flex", 1, False, "sdpa"), ("flex", 128, False, "sdpa"), ("flex", 129, False, "flex"),
+    ("flash", 4, False, "sdpa"), ("auto", 4096, False, "flex"), ("auto", 4096, True, "sdpa"),
+    ("auto", 512, False, "sdpa"), ("eager", 1, False, "eager"), ("sdpa", 4096, False, "sdpa"),
+])
+def test_decode_steps_and_auto_pick_the_documented_kernel(requested, lq, grad, expected):
+    from swa_patch.attention import choose_backend
+    from swa_patch.backends.layout import KeyLayout
+    from swa_patch.masks import LayerSpec
+    q = torch.zeros(1, 2, lq, 8, requires_grad=grad)
+    assert choose_backend(requested, q, LayerSpec(64), KeyLayout(0, 0)) == expected

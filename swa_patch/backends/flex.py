@@ -86,10 +86,12 @@ def _mask_mod(spec, q_pos, k_pos, real, layout, n_s):
         kc = (kj - n_s).clamp(0, lk - 1)
         return slot_mask(spec, q_pos[qi], k_pos[kc], kj < 0, real[b % real_rows, kc])
 
-    def band_only(b, h, qi, kj):   # no padding, no sinks: the predicate alone
-        return band(q_pos[qi], k_pos[kj], spec)
+    q0, k0 = int(q_pos[0]), int(k_pos[0])
 
-    if not n_s and layout.key_real is None:
+    def band_only(b, h, qi, kj):   # no padding, no sinks, no permutation: the predicate alone
+        return band(q0 + qi, k0 + kj, spec)
+
+    if not n_s and layout.key_real is None and spec.dilation == 1:
         return band_only
 
     if not n_s:
