@@ -206,6 +206,9 @@ class _SWALayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        for name, value in list(vars(self).items()):
+            if torch.is_tensor(value):
+                setattr(self, name, None)
         self.keys = self.values = None
         self.is_initialized, self.seen = False, 0
 
