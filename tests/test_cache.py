@@ -66,6 +66,26 @@ def test_decode_equals_parallel_forward(family, sinks):
     torch.testing.assert_close(steps, parallel, atol=ATOL, rtol=0)
 
 
+OTHER_FAMILIES = ["mistral", "qwen3", "gemma", "gemma2", "phi3", "starcoder2", "olmo2", "granite",
+                  "gpt_oss", "smollm3", "gpt2"]
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_every_family_decodes_and_streams_in_chunks(family):
+    """Original positions: decode == parallel forward; shift (RoPE families): chunks == steps."""
+    ids = ids_for(13, seed=3)
+    model = patched(family, sinks=2)
+    with torch.no_grad():
+        parallel = model(ids).logits
+    steps, _ = stepwise(model, ids)
+    torch.testing.assert_close(steps, parallel, atol=ATOL, rtol=0)
+    if family != "gpt2":
+        model = patched(family, sinks=2, positions="shift")
+        steps, _ = stepwise(model, ids)
+        chunks, _ = chunked(model, ids, [5, 1, 7])
+        torch.testing.assert_close(chunks, steps, atol=5e-5, rtol=0)
+
+
 def test_parallel_forward_is_the_reference_and_not_dense():
     """Anchor: the parallel forward compared above is the dense reference's band, not full attention."""
     model = patched("llama", sinks=2)
@@ -258,6 +278,9 @@ def test_shift_refused_where_it_cannot_be_exact():
     with pytest.raises(ValueError, match="dynamic"):
         patch_model(dyn, window=4, sinks=2, positions="shift")
     assert not hasattr(dyn, "_swa_patch_state")
+    gpt2 = patch_model(tiny_model("gpt2"), window=4, sinks=2)     # default positions: shift
+    with pytest.raises(ValueError, match="positions='original'"):
+        make_cache(gpt2)
 
 
 def test_unpatch_removes_every_hook():
