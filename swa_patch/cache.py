@@ -298,6 +298,7 @@ class SlidingLayer(_SWALayer):
         self.sink_k = key_states.new_zeros(b, h, s, d)          # shift mode: un-rotated
         self.sink_v = value_states.new_zeros(b, h, s, value_states.shape[-1])
         self.sink_filled = torch.zeros(b, s, dtype=torch.bool, device=dev)
+        self.sinks_full = False
         self.is_initialized = True
 
     def _batch_tensors(self):
@@ -336,7 +337,7 @@ class SlidingLayer(_SWALayer):
         s = self.spec.sinks
         first = self.owner.first_real
         sink_index = first[:, None] + torch.arange(s, device=k.device)
-        if not s:
+        if not s or self.sinks_full:
             return sink_index
         local = sink_index - step.start
         inside = (first[:, None] >= 0) & (local >= 0) & (local < step.length)
@@ -353,6 +354,7 @@ class SlidingLayer(_SWALayer):
             self.sink_k = torch.where(sel, gk, self.sink_k)
             self.sink_v = torch.where(sel, gv, self.sink_v)
             self.sink_filled = self.sink_filled | new
+            self.sinks_full = bool(self.sink_filled.all())   # no more device syncs per step
         return sink_index
 
     def _decode(self, k, v, step: _Step, real):
@@ -415,6 +417,7 @@ class SlidingLayer(_SWALayer):
             self.slot_real[:, gone] = False
             first = self.owner.first_real[:, None] + torch.arange(self.spec.sinks, device=self.keys.device)
             self.sink_filled = self.sink_filled & (first < new_len)
+            self.sinks_full = bool(self.sink_filled.all())
         self.seen = new_len
 
 
