@@ -103,4 +103,8 @@ def test_cache_carries_across_generate_calls(positions):
     with torch.no_grad():
         model(turn1[:, :-1], cache=fresh)
         logits = model(history[:, turn1.shape[1] - 1:], cache=fresh).logits[:, -1]
-    assert int(logits.argmax()) == int(turn2[0, history.shape[1]])
+        expected = []
+        for _ in range(NEW):
+            expected.append(logits.argmax(-1, keepdim=True))
+            logits = model(expected[-1], cache=fresh).logits[:, -1]
+    torch.testing.assert_close(turn2[:, history.shape[1]:], torch.cat(expected, 1))
