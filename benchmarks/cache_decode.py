@@ -1,6 +1,7 @@
 """Decode cost and memory of the rolling cache, measured side by side in one run.
 
     python benchmarks/cache_decode.py latency   # time per decode token at stream position 2k vs 32k
+    python benchmarks/cache_decode.py dense     # the same for the unpatched model (DynamicCache)
     python benchmarks/cache_decode.py rss N     # peak RSS after streaming N tokens (run once per N)
 
 Model: tiny random Llama (hidden 256, 4 layers), window 1020, sinks 4, CPU, 1 thread.
@@ -14,18 +15,19 @@ import sys
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from swa_patch import make_cache, patch_model
 
 torch.set_num_threads(1)
 
 
-def model():
+def model(patched=True):
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
     torch.manual_seed(0)
-    return patch_model(LlamaForCausalLM(config).eval(), window=1020, sinks=4)
+    plain = LlamaForCausalLM(config).eval()
+    return patch_model(plain, window=1020, sinks=4) if patched else plain
 
 
 @torch.no_grad()
@@ -48,11 +50,11 @@ def decode_seconds(m, cache, steps):
     return (time.perf_counter() - start) / steps
 
 
-def latency(rounds=5, steps=40):
-    m = model()
+def latency(rounds=5, steps=40, patched=True):
+    m = model(patched)
     caches = {}
     for pos in (2048, 32768):
-        caches[pos] = make_cache(m)
+        caches[pos] = make_cache(m) if patched else DynamicCache(config=m.config)
         stream(m, caches[pos], pos)
     times = {pos: [] for pos in caches}
     for _ in range(rounds):                       # interleaved: both see the same machine load
@@ -60,9 +62,10 @@ def latency(rounds=5, steps=40):
             times[pos].append(decode_seconds(m, cache, steps))
     best = {pos: min(t) for pos, t in times.items()}
     ratio = best[32768] / best[2048]
-    row = ["latency", f"{best[2048] * 1e3:.3f} ms", f"{best[32768] * 1e3:.3f} ms", f"{ratio:.3f}",
-           f"bytes {caches[2048].nbytes()} vs {caches[32768].nbytes()}"]
-    print("decode ms/token @2k, @32k, ratio:", *row[1:])
+    nbytes = {p: sum(t.nbytes for layer in c.layers for t in (layer.keys, layer.values)) for p, c in caches.items()}
+    row = ["latency" if patched else "dense", f"{best[2048] * 1e3:.3f} ms", f"{best[32768] * 1e3:.3f} ms", f"{ratio:.3f}",
+           f"kv bytes {nbytes[2048]} vs {nbytes[32768]}"]
+    print(row[0], "decode ms/token @2k, @32k, ratio:", *row[1:])
     return row
 
 
@@ -78,6 +81,7 @@ def rss(n):
 
 
 if __name__ == "__main__":
-    result = latency() if sys.argv[1] == "latency" else rss(int(sys.argv[2]))
+    mode = sys.argv[1]
+    result = rss(int(sys.argv[2])) if mode == "rss" else latency(patched=mode == "latency")
     with open("cache_decode.csv", "a", newline="") as f:
         csv.writer(f).writerow(result)
