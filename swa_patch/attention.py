@@ -58,11 +58,16 @@ def swa_attention(module, query, key, value, attention_mask, scaling=None, dropo
         raise ValueError(f"attention dropout ({dropout}) is not supported by swa_patch; set "
                          "config.attention_dropout = 0.0")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if swa_keys is not None and not isinstance(swa_keys, KeyLayout):
+        swa_keys = swa_keys.resolve()   # from a cache whose update() got no kwargs (GPT-NeoX)
     layout = swa_keys if swa_keys is not None else contiguous_layout(attention_mask, query, key, value,
                                                                      plan.spec)
+    dim = query.shape[-1]
+    if layout.query_extra is not None:
+        query = torch.cat([query, layout.query_extra(query)], dim=-1)
     backend = choose_backend(plan.backend, query, plan.spec, layout, s_aux is not None)
     out = BACKEND_MODULES[backend].attend(query, key, value, layout, plan.spec, scaling, softcap, s_aux)
-    return out, None
+    return out[..., :dim], None
 
 
 def contiguous_layout(info: MaskInfo | None, query, key, value, spec: LayerSpec) -> KeyLayout:

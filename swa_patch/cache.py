@@ -1,6 +1,519 @@
-"""Rolling / sink caches on transformers' Cache API (filled in by the cache issue)."""
+"""Constant-memory KV caches on transformers' Cache API, and the hooks that make
+``model.generate()`` use them.
+
+:class:`SWACache` holds one layer object per model layer.  A sliding layer keeps
+
+- ``S`` *sink slots*: copies of each row's first ``S`` real tokens (never pads), and
+- a *rolling buffer* of ``span = (W-1)*d + 1`` slots, token ``t`` written in place at slot
+  ``t mod span``.
+
+A single-token step returns the buffer itself with a :class:`KeyLayout` whose ``key_index``
+says which stream index each slot holds (no copy); a multi-token chunk returns its keys in
+stream order (the previous ``span - 1`` tokens, then the chunk) and keeps the last ``span``.
+A full-attention layer grows like transformers' ``DynamicLayer``.  The layout reaches the
+attention function through the ``kwargs`` dict the model passes to ``cache.update``.
+
+Position mode ``shift`` (StreamingLLM): every key in the window keeps its true offset
+``i - j`` (< span) to the query, and a sink ``k`` (the k-th real token) that is outside the
+query's band sits at offset ``S + span - 1 - k``, as if directly before the oldest window
+slot: no relative position ever exceeds ``S + span - 1`` (``S + W - 1`` undilated).
+Absolute positions live in a *frame*: queries get ``t - base``; cached keys are stored at
+``t - base``; when ``t - base`` reaches ``2 * (S + span_max)`` the frame is rebased and the
+cached keys are re-rotated once (amortised O(head_dim) per token and head for a sliding
+layer; full layers re-rotate their whole cache, O(N / (S + span)) per token).  Sinks are
+stored un-rotated and rotated to their offset per decode step (O(S * head_dim)); for a
+multi-token chunk the query is widened to ``[q, R(-p) q]`` so one kernel call gives every
+query its own sink offset (see :func:`_sink_query`).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 
-def install_generation_hooks(model):
-    return []
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+from .backends.layout import KeyLayout
+from .masks import LayerSpec
+from .rope import LayerRope, model_ropes, rotate
+
+MAKE_CACHE_OPTIONS = ("positions",)
+
+
+@dataclass
+class _Step:
+    """One forward call: queries at stream indices ``start .. start + length - 1``."""
+    start: int
+    length: int
+    real: torch.Tensor | None           # [B, length] bool, None = all real
+    positions: torch.Tensor | None      # [length] frame positions (shift mode)
+    memo: dict = field(default_factory=dict)
+
+
+class _PendingLayout:
+    """Handed to the attention function by a pre-hook for families whose ``cache.update``
+    receives no ``kwargs`` (GPT-NeoX): resolves to the layout the cache made for the layer."""
+
+    def __init__(self, cache: "SWACache", layer_idx: int):
+        self.cache, self.layer_idx = cache, layer_idx
+
+    def resolve(self) -> KeyLayout | None:
+        return self.cache._layouts.pop(self.layer_idx, None)
+
+
+class SWACache(Cache):
+    """Rolling + sink KV cache for a model patched by :func:`swa_patch.patch_model`.
+
+    specs: one :class:`LayerSpec` per layer; positions: ``"original"`` or ``"shift"``;
+    ropes: one :class:`LayerRope` per layer (required for ``"shift"``).
+    """
+
+    def __init__(self, specs: list[LayerSpec], positions: str = "original",
+                 ropes: list[LayerRope] | None = None):
+        if positions not in ("original", "shift"):
+            raise ValueError(f"positions must be 'original' or 'shift', got {positions!r}")
+        if positions == "shift" and (ropes is None or len(ropes) != len(specs)):
+            raise ValueError("positions='shift' needs ropes: one LayerRope per layer")
+        layers = [SlidingLayer(self, i, s) if s.window is not None else FullLayer(self, i)
+                  for i, s in enumerate(specs)]
+        super().__init__(layers=layers)
+        self.specs, self.position_mode, self.ropes = list(specs), positions, ropes
+        spans = [s.span for s in specs if s.window is not None]
+        self.keep = max((s.sinks for s in specs), default=0) + max(spans, default=1)
+        self.base = 0                      # frame origin (shift mode)
+        self.first_real: torch.Tensor | None = None   # [B] first real stream index, -1 if none
+        self._step: _Step | None = None
+        self._layouts: dict[int, KeyLayout] = {}
+
+    # ---- one forward -------------------------------------------------------------------
+    def begin(self, q_len: int, attention_mask: torch.Tensor | None = None, batch_size: int = 1,
+              device=None, start: int | None = None) -> torch.Tensor | None:
+        """Announce a forward of ``q_len`` new tokens.  ``attention_mask`` ``[B, >= q_len]``
+        (its last ``q_len`` columns describe the new tokens).  Returns the ``[B, q_len]``
+        position ids to use in shift mode, else None."""
+        start = self.get_seq_length() if start is None else start
+        real = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] < q_len:
+                raise ValueError(f"attention_mask must be 2-D [batch, >= {q_len}] with SWACache, got "
+                                 f"shape {tuple(attention_mask.shape)}")
+            real = attention_mask[:, -q_len:].bool()
+            batch_size, device = real.shape[0], real.device
+            real = None if bool(real.all()) else real
+        self._note_first_real(start, q_len, real, batch_size, device)
+        positions = None
+        if self.position_mode == "shift":
+            if start + q_len - self.base > 2 * self.keep:
+                self._rebase(start - self.keep)
+            positions = torch.arange(start - self.base, start - self.base + q_len, device=device)
+        self._step = _Step(start, q_len, real, positions)
+        return None if positions is None else positions[None].expand(batch_size, q_len)
+
+    def _note_first_real(self, start, q_len, real, batch_size, device):
+        if self.first_real is None:
+            self.first_real = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        if real is None:
+            first = torch.full_like(self.first_real, start)
+        else:
+            first = torch.where(real.any(1), start + real.int().argmax(1), -1)
+        self.first_real = torch.where(self.first_real < 0, first, self.first_real)
+
+    def _rebase(self, new_base: int) -> None:
+        delta = new_base - self.base
+        for layer, rope in zip(self.layers, self.ropes):
+            layer.shift_frame(-delta, rope)
+        self.base = new_base
+
+    def step_for(self, start: int, q_len: int, batch_size: int, device) -> _Step:
+        step = self._step
+        if step is not None and step.start == start and step.length == q_len:
+            return step
+        if self.position_mode == "shift":
+            raise RuntimeError("SWACache(positions='shift') got a forward that the patched model's "
+                               "hooks did not announce; call the model patched by swa_patch.patch_model")
+        self.begin(q_len, None, batch_size, device, start=start)
+        return self._step
+
+    def publish(self, layer_idx: int, layout: KeyLayout, kwargs: dict | None) -> None:
+        """Hand ``layout`` to the attention call of ``layer_idx``."""
+        if kwargs is not None:
+            kwargs["swa_keys"] = layout
+        else:
+            self._layouts[layer_idx] = layout
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held by every tensor of the cache."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def reset(self):
+        super().reset()
+        self.base, self.first_real, self._step = 0, None, None
+        self._layouts.clear()
+
+    def _batch_op(self, fn) -> None:
+        for layer in self.layers:
+            layer.map_batch(fn)
+        if self.first_real is not None:
+            self.first_real = fn(self.first_real)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self._batch_op(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._batch_op(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._batch_op(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest ``-tokens_to_remove`` tokens (transformers' convention: a
+        negative count).  A rolling buffer can only give back what it still holds."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0:
+            return
+        if self.position_mode == "shift":
+            raise ValueError("SWACache(positions='shift') cannot crop: positions are assigned "
+                             "inside the cache")
+        new_len = self.get_seq_length() + tokens_to_remove
+        if new_len < 0:
+            raise ValueError(f"crop({tokens_to_remove}) removes more tokens than the cache has seen")
+        for layer in self.layers:
+            layer.check_crop(new_len)
+        for layer in self.layers:
+            layer.crop_to(new_len)
+        if self.first_real is not None:
+            self.first_real = torch.where(self.first_real >= new_len, -1, self.first_real)
+        self._step = None
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+class _SWALayer(CacheLayerMixin):
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: SWACache, layer_idx: int):
+        super().__init__()
+        self.owner, self.layer_idx, self.seen = owner, layer_idx, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        for name, value in list(vars(self).items()):
+            if torch.is_tensor(value):
+                setattr(self, name, None)
+        self.keys = self.values = None
+        self.is_initialized, self.seen = False, 0
+
+    def reorder_cache(self, beam_idx):
+        self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        self.map_batch(lambda t: t[indices])
+
+    def _batch_tensors(self) -> list[str]:
+        return ["keys", "values"]
+
+    def map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in self._batch_tensors():
+            setattr(self, name, fn(getattr(self, name)))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if torch.is_tensor(t))
+
+
+class FullLayer(_SWALayer):
+    """Full causal attention: keys ``[B, Hkv, N, D]`` grow; ``key_real`` ``[B, N]``."""
+    is_sliding = False
+
+    def lazy_initialization(self, key_states, value_states):
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_zeros(b, h, 0, d)
+        self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
+        self.key_real = torch.zeros(b, 0, dtype=torch.bool, device=key_states.device)
+        self.is_initialized = True
+
+    def _batch_tensors(self):
+        return ["keys", "values", "key_real"]
+
+    def update(self, key_states, value_states, *args, kwargs: dict | None = None, **extra):
+        """key/value ``[B, Hkv, q, D]`` -> every key so far ``[B, Hkv, N, D]``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, _, q, _ = key_states.shape
+        step = self.owner.step_for(self.seen, q, b, key_states.device)
+        real = step.real if step.real is not None else torch.ones(b, q, dtype=torch.bool,
+                                                                    device=key_states.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.key_real = torch.cat([self.key_real, real], dim=1)
+        self.owner.publish(self.layer_idx, KeyLayout(self.seen, 0, self.key_real, memo=step.memo), kwargs)
+        self.seen += q
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def shift_frame(self, delta: int, rope: LayerRope) -> None:
+        if self.is_initialized:
+            self.keys = rotate(self.keys, delta, rope)
+
+    def check_crop(self, new_len: int) -> None:
+        pass
+
+    def crop_to(self, new_len: int) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[:, :, :new_len], self.values[:, :, :new_len]
+            self.key_real = self.key_real[:, :new_len]
+        self.seen = new_len
+
+
+class SlidingLayer(_SWALayer):
+    """Sink slots ``[B, Hkv, S, D]`` + a rolling buffer ``[B, Hkv, span, D]`` written in place."""
+    is_sliding = True
+
+    def __init__(self, owner: SWACache, layer_idx: int, spec: LayerSpec):
+        super().__init__(owner, layer_idx)
+        self.spec, self.n = spec, spec.span
+
+    def lazy_initialization(self, key_states, value_states):
+        b, h, _, d = key_states.shape
+        dev, s = key_states.device, self.spec.sinks
+        self.keys = key_states.new_zeros(b, h, self.n, d)
+        self.values = value_states.new_zeros(b, h, self.n, value_states.shape[-1])
+        self.slot_index = torch.full((self.n,), -1, dtype=torch.long, device=dev)
+        self.slot_real = torch.zeros(b, self.n, dtype=torch.bool, device=dev)
+        self.sink_k = key_states.new_zeros(b, h, s, d)          # shift mode: un-rotated
+        self.sink_v = value_states.new_zeros(b, h, s, value_states.shape[-1])
+        self.sink_filled = torch.zeros(b, s, dtype=torch.bool, device=dev)
+        self.sinks_full = False
+        self.is_initialized = True
+
+    def _batch_tensors(self):
+        return ["keys", "values", "slot_real", "sink_k", "sink_v", "sink_filled"]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if query_length == 1:
+            return self.n, 0
+        old = min(self.seen, self.n - 1)
+        return old + query_length, self.seen - old
+
+    def update(self, key_states, value_states, *args, kwargs: dict | None = None, **extra):
+        """key/value ``[B, Hkv, q, D]`` (rotated) -> the keys this step attends over:
+        the buffer ``[B, Hkv, span, D]`` for q == 1, else ``[B, Hkv, old + q, D]`` in order."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, _, q, _ = key_states.shape
+        step = self.owner.step_for(self.seen, q, b, key_states.device)
+        real = step.real if step.real is not None else torch.ones(b, q, dtype=torch.bool,
+                                                                    device=key_states.device)
+        sink_index = self._store_sinks(key_states, value_states, step, real)
+        if q == 1:
+            keys, values, layout = self._decode(key_states, value_states, step, real)
+        else:
+            keys, values, layout = self._chunk(key_states, value_states, step, real)
+        if self.spec.sinks:
+            self._add_sinks(layout, step, sink_index)
+            if layout.sink_k.shape[-1] != keys.shape[-1]:      # shift-mode chunk: widened keys
+                keys, values = _widen(keys, 0), _widen(values, 0)
+        self.seen += q
+        self.owner.publish(self.layer_idx, layout, kwargs)
+        return keys, values
+
+    def _store_sinks(self, k, v, step: _Step, real) -> torch.Tensor:
+        """Copy the chunk's sink tokens into the sink slots; returns sink stream indices [B, S]."""
+        s = self.spec.sinks
+        first = self.owner.first_real
+        sink_index = first[:, None] + torch.arange(s, device=k.device)
+        if not s or self.sinks_full:
+            return sink_index
+        local = sink_index - step.start
+        inside = (first[:, None] >= 0) & (local >= 0) & (local < step.length)
+        local = local.clamp(0, step.length - 1)
+        new = inside & real.gather(1, local)
+        if bool(new.any()):
+            idx = local[:, None, :, None]
+            gk = k.gather(2, idx.expand(-1, k.shape[1], -1, k.shape[3]))
+            gv = v.gather(2, idx.expand(-1, v.shape[1], -1, v.shape[3]))
+            if self.owner.position_mode == "shift":     # store at frame position 0
+                rope = self.owner.ropes[self.layer_idx]
+                gk = rotate(gk, -(sink_index - self.owner.base)[:, None, :], rope)
+            sel = new[:, None, :, None]
+            self.sink_k = torch.where(sel, gk, self.sink_k)
+            self.sink_v = torch.where(sel, gv, self.sink_v)
+            self.sink_filled = self.sink_filled | new
+            self.sinks_full = bool(self.sink_filled.all())   # no more device syncs per step
+        return sink_index
+
+    def _decode(self, k, v, step: _Step, real):
+        slot = step.start % self.n
+        self.keys[:, :, slot] = k[:, :, 0]
+        self.values[:, :, slot] = v[:, :, 0]
+        self.slot_index[slot] = step.start
+        self.slot_real[:, slot] = real[:, 0]
+        layout = KeyLayout(step.start, 0, self.slot_real, memo=step.memo, key_index=self.slot_index)
+        return self.keys, self.values, layout
+
+    def _chunk(self, k, v, step: _Step, real):
+        old = min(step.start, self.n - 1)
+        slots = torch.arange(step.start - old, step.start, device=k.device) % self.n
+        keys = torch.cat([self.keys[:, :, slots], k], dim=2)
+        values = torch.cat([self.values[:, :, slots], v], dim=2)
+        key_real = torch.cat([self.slot_real[:, slots], real], dim=1)
+        keep = min(self.n, old + step.length)
+        end = step.start + step.length
+        idx = torch.arange(end - keep, end, device=k.device)
+        self.keys[:, :, idx % self.n] = keys[:, :, -keep:]
+        self.values[:, :, idx % self.n] = values[:, :, -keep:]
+        self.slot_index[idx % self.n] = idx
+        self.slot_real[:, idx % self.n] = key_real[:, -keep:]
+        layout = KeyLayout(step.start, step.start - old, key_real, memo=step.memo)
+        return keys, values, layout
+
+    def _add_sinks(self, layout: KeyLayout, step: _Step, sink_index) -> None:
+        layout.sink_index, layout.sink_valid = sink_index, self.sink_filled.clone()
+        if self.owner.position_mode == "original":
+            layout.sink_k, layout.sink_v = self.sink_k, self.sink_v
+            return
+        rope = self.owner.ropes[self.layer_idx]
+        offset = self.spec.sinks + self.n - 1 - torch.arange(self.spec.sinks, device=self.sink_k.device)
+        if step.length == 1:      # one query: rotate the S sinks to (query position - offset)
+            layout.sink_k = rotate(self.sink_k, step.positions[0] - offset, rope)
+            layout.sink_v = self.sink_v
+            return
+        layout.sink_k = _widen(rotate(self.sink_k, -offset, rope), 1)
+        layout.sink_v = _widen(self.sink_v, 0)
+        layout.query_extra = _sink_query(step.positions, rope)
+
+    def shift_frame(self, delta: int, rope: LayerRope) -> None:
+        if self.is_initialized:
+            self.keys = rotate(self.keys, delta, rope)
+
+    def check_crop(self, new_len: int) -> None:
+        if new_len < self.seen - 1 and new_len > 0:
+            raise ValueError(f"cannot crop layer {self.layer_idx} back to {new_len} tokens: its rolling "
+                             f"buffer of {self.n} slots has already evicted keys the next query needs "
+                             "(at most 1 token can be removed)")
+
+    def crop_to(self, new_len: int) -> None:
+        if new_len == 0:
+            self.reset()
+            return
+        if self.is_initialized:
+            gone = self.slot_index >= new_len
+            self.slot_index[gone] = -1
+            self.slot_real[:, gone] = False
+            first = self.owner.first_real[:, None] + torch.arange(self.spec.sinks, device=self.keys.device)
+            self.sink_filled = self.sink_filled & (first < new_len)
+            self.sinks_full = bool(self.sink_filled.all())
+        self.seen = new_len
+
+
+def _widen(x: torch.Tensor, half: int) -> torch.Tensor:
+    """``[..., D]`` -> ``[..., 2D]`` with ``x`` in the first (half=0) or second half."""
+    zeros = torch.zeros_like(x)
+    return torch.cat([x, zeros] if half == 0 else [zeros, x], dim=-1)
+
+
+def _sink_query(positions: torch.Tensor, rope: LayerRope):
+    """For a shift-mode chunk: maps rotated queries ``[B, H, q, D]`` to their un-rotated form
+    ``R(-p) q`` so that ``[q, R(-p) q] . [0, R(-offset_k) sink_k]`` scores each sink at offset_k
+    from every query, while ``[q, R(-p) q] . [k, 0]`` keeps the window scores."""
+    return lambda query: rotate(query, -positions, rope)
+
+
+# ---- make_cache and the generation hooks ---------------------------------------------------
+def make_cache(model, **options) -> SWACache:
+    """A fresh :class:`SWACache` for a model patched by :func:`swa_patch.patch_model`.
+
+    Options: ``positions`` ("original" | "shift"; default: the patch settings' mode).
+    """
+    from .patch import layer_specs, patch_settings
+    unknown = sorted(set(options) - set(MAKE_CACHE_OPTIONS))
+    if unknown:
+        raise TypeError(f"make_cache got unknown option(s) {unknown}; allowed: {list(MAKE_CACHE_OPTIONS)}")
+    settings = patch_settings(model)
+    if settings is None:
+        raise ValueError("make_cache(model) needs a model patched by swa_patch.patch_model")
+    positions = options.get("positions") or settings.position_mode
+    if positions not in ("original", "shift"):
+        raise ValueError(f"positions must be 'original' or 'shift', got {positions!r}")
+    specs = layer_specs(model)
+    ropes = model_ropes(model, len(specs)) if positions == "shift" else None
+    return SWACache(specs, positions, ropes)
+
+
+_CACHE_NAMES = ("cache", "past_key_values", "layer_past")
+
+
+def _find_cache(kwargs: dict):
+    for name in _CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return None, None
+
+
+def _swap_default_cache(model):
+    """Top-level pre-hook: the empty DynamicCache that ``generate()`` creates by itself is
+    replaced by an SWACache (a cache the user passed is kept).  A DynamicCache object seen
+    again maps to the same SWACache."""
+    def hook(module, args, kwargs):
+        name, cache = _find_cache(kwargs)
+        if type(cache) is not DynamicCache or getattr(cache, "_is_user_defined", False):
+            return None
+        swa = getattr(cache, "_swa_patch_cache", None)
+        if swa is None:
+            if cache.get_seq_length() != 0:
+                return None
+            swa = cache._swa_patch_cache = make_cache(model)
+        return args, {**kwargs, name: swa}
+    return hook
+
+
+def _announce_step(module, args, kwargs):
+    """Decoder pre-hook: tell an SWACache which tokens come (and which are pads); in shift
+    mode replace ``position_ids`` with the cache's frame positions."""
+    _, cache = _find_cache(kwargs)
+    if not isinstance(cache, SWACache):
+        return None
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs["inputs_embeds"]
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+        raise ValueError("SWACache needs a 2-D attention_mask [batch, tokens] (or none)")
+    positions = cache.begin(tokens.shape[1], mask, tokens.shape[0], tokens.device)
+    if positions is None:
+        return None
+    return args, {**kwargs, "position_ids": positions}
+
+
+def _pending_layout(module, args, kwargs):
+    """Attention pre-hook: a placeholder for families whose cache.update gets no kwargs."""
+    _, cache = _find_cache(kwargs)
+    if not isinstance(cache, SWACache) or "swa_keys" in kwargs:
+        return None
+    return args, {**kwargs, "swa_keys": _PendingLayout(cache, module.layer_idx)}
+
+
+def install_generation_hooks(model) -> list:
+    """Hooks that make a patched model (and its ``generate()``) use an SWACache; returns the
+    handles (``patch.unpatch_model`` removes them)."""
+    from . import compat
+    handles = [model.register_forward_pre_hook(_swap_default_cache(model), with_kwargs=True),
+               model.base_model.register_forward_pre_hook(_announce_step, with_kwargs=True)]
+    for _, module in compat.attention_modules(model):
+        handles.append(module.register_forward_pre_hook(_pending_layout, with_kwargs=True))
+    return handles

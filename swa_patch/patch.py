@@ -31,6 +31,9 @@ def patch_model(model, window=None, sinks: int = 0, **options):
     if family.rope == "absolute" and settings.positions == "shift":
         raise ValueError(f"positions='shift' needs rotary position embeddings; "
                          f"{text_config.model_type} uses absolute positions: use positions='original'")
+    if settings.positions == "shift":
+        from .rope import model_ropes
+        model_ropes(model, n_layers)     # refuses RoPE that cannot be re-rotated exactly
     check_available(settings.backend, next(model.parameters()).device)
     state = getattr(model, _STATE, None)
     if state is not None:

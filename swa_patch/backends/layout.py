@@ -28,6 +28,9 @@ class KeyLayout:
     memo: dict | None = None                # shared by the layers of one forward (flex block masks)
     key_index: torch.Tensor | None = None   # [Lk] stream index per key slot when the keys are NOT
                                             # contiguous (a ring buffer); k_start is then unused
+    query_extra: object | None = None       # callable [B, H, q, D] -> [B, H, q, D]: widens the query
+                                            # to [q, query_extra(q)]; keys and values come widened
+                                            # (shift-mode cache chunks); output keeps the first D
 
     @property
     def n_sinks(self) -> int:
