@@ -1,25 +1,31 @@
-"""Decode cost and memory of the rolling cache, measured side by side in one run.
+"""Decode cost and memory of the rolling cache vs the unpatched model, side by side in one run.
 
-    python benchmarks/cache_decode.py latency   # time per decode token at stream position 2k vs 32k
-    python benchmarks/cache_decode.py dense     # the same for the unpatched model (DynamicCache)
-    python benchmarks/cache_decode.py rss N     # peak RSS after streaming N tokens (run once per N)
+- time per decode token at stream position 2k vs 32k (patched: rolling cache 4 + 1020;
+  unpatched: transformers' DynamicCache), rounds interleaved so both see the same load;
+- KV-cache bytes at both positions;
+- peak process RSS after streaming 10k vs 100k tokens (each in a fresh process).
 
-Model: tiny random Llama (hidden 256, 4 layers), window 1020, sinks 4, CPU, 1 thread.
-Prints one line per measurement and appends it to cache_decode.csv.
+Model: random Llama (hidden 256, 4 layers, 8 heads), CPU, 1 thread.
+
+    python benchmarks/cache_decode.py          # -> results/cache_decode.csv, cache_decode.png
 """
 from __future__ import annotations
 
-import csv
-import resource
+import json
+import os
 import sys
 import time
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from swa_patch import make_cache, patch_model
+sys.path.insert(0, os.path.dirname(__file__))
+from common import RESULTS, peak_rss_mb, print_table, run_isolated, write_csv  # noqa: E402
+
+from swa_patch import make_cache, patch_model  # noqa: E402
 
 torch.set_num_threads(1)
+POSITIONS = (2048, 32768)
 
 
 def model(patched=True):
@@ -33,7 +39,7 @@ def model(patched=True):
 @torch.no_grad()
 def stream(m, cache, n, chunk=1024):
     ids = torch.randint(0, 1000, (1, chunk))
-    done = 0
+    done, logits = 0, None
     while done < n:
         q = min(chunk, n - done)
         logits = m(ids[:, :q], cache=cache).logits
@@ -50,38 +56,77 @@ def decode_seconds(m, cache, steps):
     return (time.perf_counter() - start) / steps
 
 
-def latency(rounds=5, steps=40, patched=True):
-    m = model(patched)
+def cache_bytes(cache) -> int:
+    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def latency_rows(rounds=5, steps=40):
+    rows = []
+    models = {"swa_cache": model(True), "dense": model(False)}
     caches = {}
-    for pos in (2048, 32768):
-        caches[pos] = make_cache(m) if patched else DynamicCache(config=m.config)
-        stream(m, caches[pos], pos)
-    times = {pos: [] for pos in caches}
-    for _ in range(rounds):                       # interleaved: both see the same machine load
-        for pos, cache in caches.items():
-            times[pos].append(decode_seconds(m, cache, steps))
-    best = {pos: min(t) for pos, t in times.items()}
-    ratio = best[32768] / best[2048]
-    nbytes = {p: sum(t.nbytes for layer in c.layers for t in (layer.keys, layer.values)) for p, c in caches.items()}
-    row = ["latency" if patched else "dense", f"{best[2048] * 1e3:.3f} ms", f"{best[32768] * 1e3:.3f} ms", f"{ratio:.3f}",
-           f"kv bytes {nbytes[2048]} vs {nbytes[32768]}"]
-    print(row[0], "decode ms/token @2k, @32k, ratio:", *row[1:])
-    return row
+    for name, m in models.items():
+        for pos in POSITIONS:
+            caches[name, pos] = make_cache(m) if name == "swa_cache" else DynamicCache(config=m.config)
+            stream(m, caches[name, pos], pos)
+    times = {key: [] for key in caches}
+    for _ in range(rounds):
+        for (name, pos), cache in caches.items():
+            times[name, pos].append(decode_seconds(models[name], cache, steps))
+    for name in models:
+        first = min(times[name, POSITIONS[0]])
+        for pos in POSITIONS:
+            best = min(times[name, pos])
+            rows.append({"metric": "decode_ms_per_token", "method": name, "position": pos,
+                         "value": best * 1e3, "ratio_vs_2k": best / first,
+                         "kv_cache_mb": cache_bytes(caches[name, pos]) / 2**20})
+    return rows
 
 
-def rss(n):
+def rss_child(n: int) -> dict:
     m = model()
     cache = make_cache(m)
     logits = stream(m, cache, n, chunk=512)
     assert torch.isfinite(logits).all()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    row = ["rss", str(n), f"{peak_mb:.1f} MB", f"cache {cache.nbytes()} bytes"]
-    print("peak RSS after", *row[1:])
-    return row
+    return {"peak_mb": peak_rss_mb(), "kv_cache_mb": cache.nbytes() / 2**20}
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--rss":
+        print(json.dumps(rss_child(int(sys.argv[2]))))
+        return
+    rows = latency_rows()
+    first = None
+    for n in (10_000, 100_000):
+        r = run_isolated(__file__, ["--rss", str(n)])
+        first = first or r["peak_mb"]
+        rows.append({"metric": "peak_rss_mb", "method": "swa_cache", "position": n, "value": r["peak_mb"],
+                     "ratio_vs_2k": None, "kv_cache_mb": r["kv_cache_mb"], "ratio_vs_10k": r["peak_mb"] / first})
+    for r in rows:
+        r.setdefault("ratio_vs_10k", None)
+    path = os.path.join(RESULTS, "cache_decode.csv")
+    write_csv(path, rows)
+    print_table(rows, ["metric", "method", "position", "value", "ratio_vs_2k", "ratio_vs_10k", "kv_cache_mb"])
+    plot(rows, os.path.join(RESULTS, "cache_decode.png"))
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in ("swa_cache", "dense"):
+        pts = [(r["position"], r["value"]) for r in rows if r["metric"] == "decode_ms_per_token" and r["method"] == name]
+        a.plot(*zip(*pts), marker="o", label=name)
+        pts = [(r["position"], r["kv_cache_mb"]) for r in rows if r["metric"] == "decode_ms_per_token" and r["method"] == name]
+        b.plot(*zip(*pts), marker="o", label=name)
+    a.set(xscale="log", xlabel="stream position", ylabel="ms per decode token", title="decode latency")
+    b.set(xscale="log", yscale="log", xlabel="stream position", ylabel="KV cache MB", title="KV cache size")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
-    mode = sys.argv[1]
-    result = rss(int(sys.argv[2])) if mode == "rss" else latency(patched=mode == "latency")
-    with open("cache_decode.csv", "a", newline="") as f:
-        csv.writer(f).writerow(result)
+    main()
