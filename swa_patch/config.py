@@ -65,9 +65,10 @@ class SWAConfig:
 
     def validate(self, n_layers: int | None = None) -> "SWAConfig":
         if self.schedule is not None:
-            from .schedules import SCHEDULES  # named schedules are expanded per model
+            from .schedules import SCHEDULES, check_schedule_options  # expanded per model
             if self.schedule not in SCHEDULES:
                 raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
+            check_schedule_options(self)
         if self.window is None and self.schedule is None:
             raise TypeError("window is required: an int >= 1 (keys each query sees, itself included)")
         windows = _per_layer("window", self.window, n_layers)

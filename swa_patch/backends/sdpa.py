@@ -51,7 +51,8 @@ def _dense(q, k, v, layout, spec, scale, softcap, s_aux):
     """The band covers every key: one SDPA call (plain causal when nothing else applies)."""
     lq, lk = q.shape[2], k.shape[2]
     plain = (layout.key_index is None and layout.key_real is None and not layout.n_sinks and lq == lk
-             and layout.q_start == layout.k_start and not softcap and s_aux is None)
+             and layout.q_start == layout.k_start and not softcap and s_aux is None
+             and (spec.window is None or spec.dilation == 1))   # a dilated band has gaps
     if plain:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
