@@ -165,3 +165,120 @@ def receptive_field(model_or_config, seq_len: int | None = None, **patch_options
     layers included.
     """
     return layer_reach(model_or_config, seq_len, **patch_options)[-1].reach
+
+
+# ---- the ``swa-patch receptive-field`` sub-command ------------------------------------------
+
+def _per_layer_arg(name: str, tokens: list[str] | None, allow_full: bool):
+    """``8`` -> 8; ``1x6 2x6`` -> [1]*6 + [2]*6; ``full`` -> None (windows only)."""
+    if not tokens:
+        return None
+    values = []
+    for token in tokens:
+        value, _, times = token.partition("x")
+        try:
+            item = None if (allow_full and value == "full") else int(value)
+            count = int(times) if times else 1
+        except ValueError:
+            raise SystemExit(f"--{name}: cannot read {token!r}; use an int, "
+                             f"{'full, ' if allow_full else ''}or VALUExCOUNT (e.g. 2x6)") from None
+        values += [item] * count
+    return values[0] if len(values) == 1 and len(tokens) == 1 and "x" not in tokens[0] else values
+
+
+def load_config(model: str, layers: int | None = None):
+    """A transformers config from a model folder, a config.json, or a ``model_type``."""
+    import os
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    overrides = {} if layers is None else {"num_hidden_layers": layers}
+    if os.path.exists(model):
+        config = AutoConfig.from_pretrained(model)
+        if layers is not None:
+            config.num_hidden_layers = layers
+            types = getattr(config, "layer_types", None)
+            if types is not None and len(types) != layers:
+                raise SystemExit(f"--layers {layers}: {model} declares layer_types for "
+                                 f"{len(types)} layers; drop --layers or use a model_type")
+        return config
+    if model in CONFIG_MAPPING:
+        return AutoConfig.for_model(model, **overrides)
+    raise SystemExit(f"--model {model!r} is neither a path nor a known model_type")
+
+
+def format_table(rows: list[LayerReach]) -> str:
+    head = f"{'layer':>5} {'window':>7} {'dil':>4} {'sinks':>5} {'span':>7} {'reach':>8} {'reachable':>9} {'holes':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.layer:>5} {'full' if r.window is None else r.window:>7} {r.dilation:>4} "
+                     f"{r.sinks:>5} {'-' if r.span is None else r.span:>7} {r.reach:>8} "
+                     f"{r.reachable:>9} {r.holes:>7}")
+    return "\n".join(lines)
+
+
+def plot_reach(rows: list[LayerReach], path: str, title: str, baseline: list[LayerReach] | None = None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    layers = [r.layer for r in rows]
+    ax.step(layers, [r.reach for r in rows], where="mid", label="reach (span, query included)")
+    if any(r.holes for r in rows):
+        ax.step(layers, [r.reachable for r in rows], where="mid", linestyle=":", label="reachable positions")
+    if baseline is not None:
+        ax.step(layers, [r.reach for r in baseline], where="mid", linestyle="--", label="undilated")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("tokens")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _run_cli(args) -> int:
+    config = load_config(args.model, args.layers)
+    options = {"window": _per_layer_arg("window", args.window, True),
+               "dilation": _per_layer_arg("dilation", args.dilation, False) or 1,
+               "sinks": args.sinks}
+    if args.full_layers:
+        options["full_layers"] = args.full_layers
+    if args.schedule:
+        options["schedule"] = args.schedule
+    try:
+        rows = layer_reach(config, args.seq_len, **options)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"swa-patch receptive-field: {err}") from None
+    last = rows[-1]
+    print(f"{config.model_type}, {len(rows)} layers"
+          + ("" if args.seq_len is None else f", last of {args.seq_len} tokens"))
+    print(format_table(rows))
+    print(f"receptive field: {last.reach} tokens ({last.reachable} reachable, {last.holes} holes)")
+    if args.plot:
+        baseline = None
+        if all(r.window is not None for r in rows) and any(r.dilation > 1 for r in rows):
+            undilated = [LayerSpec(r.window, 1, r.sinks) for r in rows]
+            baseline = reach_of_specs(undilated, args.seq_len)
+        plot_reach(rows, args.plot, f"{config.model_type}: receptive field per layer", baseline)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("receptive-field", help="per-layer reach of a window schedule",
+                              description="Print how far back the last position sees after each "
+                              "layer (span from the oldest reachable input, itself included).")
+    p.add_argument("--model", required=True, help="model folder, config.json, or a model_type (llama, gemma3_text, ...)")
+    p.add_argument("--window", nargs="+", help="one window, or per layer (W, full, WxCOUNT)")
+    p.add_argument("--dilation", nargs="+", help="one dilation, or per layer (D or DxCOUNT, e.g. 1x6 2x6 4x6 8x6)")
+    p.add_argument("--sinks", type=int, default=0)
+    p.add_argument("--full-layers", type=int, nargs="+", help="layer indices kept at full attention")
+    p.add_argument("--schedule", help="named schedule (local-to-dilated, small-to-large, local-global)")
+    p.add_argument("--layers", type=int, help="override num_hidden_layers")
+    p.add_argument("--seq-len", type=int, help="exact for the last of N tokens (counts sinks and full layers)")
+    p.add_argument("--plot", help="write a PNG of reach per layer")
+    p.set_defaults(func=_run_cli)

@@ -270,3 +270,12 @@ def test_schedule_validation_names_the_argument(options, match):
     with pytest.raises((ValueError, TypeError), match=match):
         patch_model(model, **options)
     assert getattr(model, "_swa_patch_state", None) is None      # nothing touched
+
+
+def test_named_schedules_expand_as_documented():
+    cfg = lambda name, w=512: SWAConfig(window=w, schedule=name)
+    assert [s.dilation for s in cfg("local-to-dilated").layer_specs(24)] == [1] * 6 + [2] * 6 + [4] * 6 + [8] * 6
+    assert [s.window for s in cfg("small-to-large").layer_specs(8)] == [64, 64, 128, 128, 256, 256, 512, 512]
+    assert [s.window for s in cfg("local-global").layer_specs(12)] == [512] * 5 + [None] + [512] * 5 + [None]
+    # named schedules keep a hybrid model's native global layers global
+    assert cfg("local-to-dilated").layer_specs(4, {3})[3] == LayerSpec(None)

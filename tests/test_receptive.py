@@ -142,3 +142,34 @@ def test_gradient_confirms_24_layer_quarter_dilated_reach():
         finally:
             unpatch_model(model)
         assert support == list(range(300 - reach, 300))
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+
+def test_cli_table_and_plot(tmp_path, capsys):
+    from swa_patch.cli import main
+
+    png = tmp_path / "reach.png"
+    assert main(["receptive-field", "--model", "llama", "--layers", "24", "--window", "512",
+                 "--dilation", "1x6", "2x6", "4x6", "8x6", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "receptive field: 45991 tokens" in out
+    assert len([line for line in out.splitlines() if line.strip()[:2].strip().isdigit()]) == 24
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["receptive-field", "--model", "llama", "--layers", "24", "--window", "512"]) == 0
+    assert "receptive field: 12265 tokens" in capsys.readouterr().out
+
+
+def test_cli_config_path_schedule_and_errors(tmp_path, capsys):
+    from swa_patch.cli import main
+
+    tiny_model("gemma3_text").config.save_pretrained(tmp_path)
+    assert main(["receptive-field", "--model", str(tmp_path), "--window", "16", "--seq-len", "100"]) == 0
+    assert "receptive field: 100 tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="full attention"):
+        main(["receptive-field", "--model", str(tmp_path), "--window", "16"])
+    with pytest.raises(SystemExit, match="dilation has 3 entries"):
+        main(["receptive-field", "--model", "llama", "--layers", "4", "--window", "8", "--dilation", "1", "2", "3"])
+    assert main(["receptive-field", "--model", "llama", "--layers", "8", "--window", "8",
+                 "--schedule", "local-to-dilated"]) == 0
+    assert "receptive field: 211 tokens" in capsys.readouterr().out     # 2*7*15+1
