@@ -112,8 +112,14 @@ class SWAConfig:
         full = set(self.full_layers or ())
         if not isinstance(self.window, (list, tuple)):
             full |= set(native_full)
-        return [LayerSpec(None) if (i in full or windows[i] is None)
-                else LayerSpec(windows[i], dilations[i], self.sinks) for i in range(n_layers)]
+        specs = [LayerSpec(None) if (i in full or windows[i] is None)
+                 else LayerSpec(windows[i], dilations[i], self.sinks) for i in range(n_layers)]
+        dilated = [i for i, s in enumerate(specs) if s.window is not None and s.dilation > 1]
+        if self.backend == "flash" and dilated:
+            raise ValueError(f"backend='flash' cannot express dilation > 1 (flash-attn windows are "
+                             f"contiguous), and schedule={self.schedule!r} dilates layers {dilated}; "
+                             f"use backend='sdpa', 'flex' or 'auto'")
+        return specs
 
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict:

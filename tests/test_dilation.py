@@ -145,6 +145,8 @@ def test_flash_rejects_dilation():
         SWAConfig(window=8, dilation=2, backend="flash")
     with pytest.raises(ValueError, match="dilation"):
         SWAConfig(window=8, dilation=[1, 2], backend="flash")
+    with pytest.raises(ValueError, match=r"flash.*dilation.*local-to-dilated.*layers \[1, 2, 3\]"):
+        SWAConfig(window=8, schedule="local-to-dilated", backend="flash").layer_specs(4)
     q, k, v, _ = random_case(0, 1, 16, 16, 2, 2, pad=0)
     layout = contiguous_layout(MaskInfo(0, None), q, k, v, LayerSpec(4, 2))
     with pytest.raises(ValueError, match="dilation"):
