@@ -301,3 +301,12 @@ def test_chunked_prefill_of_dilated_stack_equals_full_forward(chunks):
     finally:
         unpatch_model(model)
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen2_without_sliding_window_patches_every_layer():
+    """Real Qwen2 checkpoints set use_sliding_window=False: no native global layers then."""
+    model = tiny_model("qwen2", use_sliding_window=False)
+    assert native_full_layers(model.config) == set()
+    ids, mask = model_ids(30, seed=8)
+    specs = compare_with_reference(model, ids, mask, dict(window=4, dilation=3, backend="sdpa"))
+    assert specs == [LayerSpec(4, 3, 0)] * 2
