@@ -4,5 +4,7 @@ __version__ = "0.1.0"
 from .config import SWAConfig
 from .cache import SWACache, make_cache
 from .patch import patch_model, unpatch_model
+from .receptive import receptive_field
 
-__all__ = ["SWACache", "SWAConfig", "make_cache", "patch_model", "unpatch_model", "__version__"]
+__all__ = ["SWACache", "SWAConfig", "make_cache", "patch_model", "receptive_field", "unpatch_model",
+           "__version__"]

@@ -65,9 +65,10 @@ class SWAConfig:
 
     def validate(self, n_layers: int | None = None) -> "SWAConfig":
         if self.schedule is not None:
-            from .schedules import SCHEDULES  # named schedules are expanded per model
+            from .schedules import SCHEDULES, check_schedule_options  # expanded per model
             if self.schedule not in SCHEDULES:
                 raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
+            check_schedule_options(self)
         if self.window is None and self.schedule is None:
             raise TypeError("window is required: an int >= 1 (keys each query sees, itself included)")
         windows = _per_layer("window", self.window, n_layers)
@@ -111,8 +112,14 @@ class SWAConfig:
         full = set(self.full_layers or ())
         if not isinstance(self.window, (list, tuple)):
             full |= set(native_full)
-        return [LayerSpec(None) if (i in full or windows[i] is None)
-                else LayerSpec(windows[i], dilations[i], self.sinks) for i in range(n_layers)]
+        specs = [LayerSpec(None) if (i in full or windows[i] is None)
+                 else LayerSpec(windows[i], dilations[i], self.sinks) for i in range(n_layers)]
+        dilated = [i for i, s in enumerate(specs) if s.window is not None and s.dilation > 1]
+        if self.backend == "flash" and dilated:
+            raise ValueError(f"backend='flash' cannot express dilation > 1 (flash-attn windows are "
+                             f"contiguous), and schedule={self.schedule!r} dilates layers {dilated}; "
+                             f"use backend='sdpa', 'flex' or 'auto'")
+        return specs
 
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict:

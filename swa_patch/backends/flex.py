@@ -31,6 +31,19 @@ def _residue_order(start: int, length: int, d: int, device) -> torch.Tensor:
     return torch.argsort(((start + t) % d) * length + t)
 
 
+def _to_classes(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Sequence axis (2 for [B, H, L, D], else the last) regrouped by index mod d; L % d == 0."""
+    if x.dim() == 4:
+        b, h, n, dim = x.shape
+        return x.view(b, h, n // d, d, dim).transpose(2, 3).reshape(b, h, n, dim)
+    return x.view(*x.shape[:-1], x.shape[-1] // d, d).transpose(-1, -2).reshape(x.shape)
+
+
+def _from_classes(x: torch.Tensor, d: int) -> torch.Tensor:
+    b, h, n, dim = x.shape
+    return x.view(b, h, d, n // d, dim).transpose(2, 3).reshape(b, h, n, dim)
+
+
 def attend(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap=None, s_aux=None):
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` -> ``[B, Lq, H, D]``."""
     if torch.is_grad_enabled() and q.device.type == "cpu" and q.requires_grad:
@@ -46,7 +59,12 @@ def attend(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap=None, s_a
     q_pos = layout.q_start + torch.arange(lq, device=dev)
     k_pos = layout.k_start + torch.arange(lk, device=dev)
     real = layout.key_real
-    if d > 1:
+    aligned = d > 1 and all(x % d == 0 for x in (layout.q_start, layout.k_start, lq, lk))
+    if aligned:   # the residue order is a reshape: strided copies instead of index gathers
+        q, k, v = (_to_classes(x, d) for x in (q, k, v))
+        q_pos, k_pos = _to_classes(q_pos, d), _to_classes(k_pos, d)
+        real = None if real is None else _to_classes(real, d)
+    elif d > 1:
         q_perm, k_perm = _residue_order(layout.q_start, lq, d, dev), _residue_order(layout.k_start, lk, d, dev)
         q, q_pos = q[:, :, q_perm], q_pos[q_perm]
         k, v, k_pos = k[:, :, k_perm], v[:, :, k_perm], k_pos[k_perm]
@@ -70,7 +88,9 @@ def attend(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap=None, s_a
     if s_aux is not None:   # one extra softmax column per head, value zero
         out, lse = result
         out = out * torch.sigmoid(lse - s_aux.float().view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
-    if d > 1:
+    if aligned:
+        out = _from_classes(out, d)
+    elif d > 1:
         out = out[:, :, torch.argsort(q_perm)]
     return out.transpose(1, 2)
 

@@ -30,28 +30,52 @@ def attend(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap=None, s_a
         return _dense(q, k, v, layout, spec, scale, softcap, s_aux)
     d = spec.dilation
     if d == 1:
-        return _band(q, k, v, layout, spec, scale, softcap, s_aux,
-                     layout.q_start, layout.k_start, torch.arange(lq, device=q.device))
-    out = q.new_empty(q.shape[0], lq, q.shape[1], q.shape[3])
-    for r in range(d):
-        tq, tk = (r - layout.q_start) % d, (r - layout.k_start) % d
-        if tq >= lq:
-            continue
-        sub = KeyLayout(layout.q_start, layout.k_start, None if layout.key_real is None
-                        else layout.key_real[:, tk::d], layout.sink_k, layout.sink_v,
-                        layout.sink_index, layout.sink_valid)
-        q_rows = torch.arange(tq, lq, d, device=q.device)
-        out[:, tq::d] = _band(q[:, :, tq::d], k[:, :, tk::d], v[:, :, tk::d], sub, spec, scale,
-                              softcap, s_aux, (layout.q_start + tq) // d,
-                              (layout.k_start + tk) // d, q_rows)
-    return out
+        return _band(q, k, v, layout, spec, scale, softcap, s_aux, layout.q_start, layout.k_start,
+                     layout.q_start + torch.arange(lq, device=q.device))
+    return _dilated(q, k, v, layout, spec, scale, softcap, s_aux)
+
+
+def _dilated(q, k, v, layout, spec, scale, softcap, s_aux):
+    """The ``d`` residue classes (stream index mod d) as ``d`` batch rows of one plain band.
+
+    Queries and keys are padded so that both start at a stream index divisible by ``d`` and
+    their lengths are multiples of ``d``; then ``view(..., n/d, d, D)`` puts class ``r`` in
+    column ``r``, and moving that column into the batch dimension gives ``B*d`` sequences in
+    which the dilated window is a plain window of W (sub-index = stream index // d).  Padded
+    keys are marked not real; padded queries are dropped.  One SDPA call, the same work as
+    d=1 (a loop over classes was measurably slower: d calls on shorter batches)."""
+    b, h, lq, dim = q.shape
+    hkv, lk, d = k.shape[1], k.shape[2], spec.dilation
+    q_left, k_left = layout.q_start % d, layout.k_start % d
+    q_right, k_right = -(q_left + lq) % d, -(k_left + lk) % d
+    nq, nk = (q_left + lq + q_right) // d, (k_left + lk + k_right) // d
+    real = (torch.ones(b, lk, dtype=torch.bool, device=q.device)
+            if layout.key_real is None else layout.key_real)
+    real = F.pad(real, (k_left, k_right), value=False)
+
+    def classes(x, left, right, n):        # [B, H, L, D] -> [B*d, H, n, D]
+        x = F.pad(x, (0, 0, left, right)).view(b, x.shape[1], n, d, dim)
+        return x.permute(0, 3, 1, 2, 4).reshape(b * d, x.shape[1], n, dim)
+
+    q_start = layout.q_start - q_left
+    q_stream = (q_start + torch.arange(nq * d, device=q.device)).view(nq, d).T.repeat(b, 1)
+    rep = lambda x: None if x is None else x.repeat_interleave(d, dim=0)
+    sub = KeyLayout(q_start, layout.k_start - k_left,
+                    real.view(b, nk, d).transpose(1, 2).reshape(b * d, nk),
+                    rep(layout.sink_k), rep(layout.sink_v), rep(layout.sink_index), rep(layout.sink_valid))
+    out = _band(classes(q, q_left, q_right, nq), classes(k, k_left, k_right, nk),
+                classes(v, k_left, k_right, nk), sub, spec, scale, softcap, s_aux,
+                q_start // d, (layout.k_start - k_left) // d, q_stream)      # [B*d, nq, H, D]
+    out = out.view(b, d, nq, h, dim).transpose(1, 2).reshape(b, nq * d, h, dim)
+    return out[:, q_left:q_left + lq]
 
 
 def _dense(q, k, v, layout, spec, scale, softcap, s_aux):
     """The band covers every key: one SDPA call (plain causal when nothing else applies)."""
     lq, lk = q.shape[2], k.shape[2]
     plain = (layout.key_index is None and layout.key_real is None and not layout.n_sinks and lq == lk
-             and layout.q_start == layout.k_start and not softcap and s_aux is None)
+             and layout.q_start == layout.k_start and not softcap and s_aux is None
+             and (spec.window is None or spec.dilation == 1))   # a dilated band has gaps
     if plain:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
@@ -61,10 +85,10 @@ def _dense(q, k, v, layout, spec, scale, softcap, s_aux):
     return fused_attention(q, k, v, mask, scale, softcap, s_aux).transpose(1, 2)
 
 
-def _band(q, k, v, layout, spec, scale, softcap, s_aux, q0, k0, q_rows):
+def _band(q, k, v, layout, spec, scale, softcap, s_aux, q0, k0, q_stream):
     """Plain window ``W`` in sub-index space: query sub-index ``q0 + t`` sees key sub-indices
-    ``(q0 + t - W, q0 + t]``; ``k0`` is the sub-index of ``k[:, :, 0]``.  ``q_rows`` maps each
-    query to its row in the caller's query tensor (for stream indices of sink masks)."""
+    ``(q0 + t - W, q0 + t]``; ``k0`` is the sub-index of ``k[:, :, 0]``.  ``q_stream``: the
+    stream index of each query, ``[Lq]`` or ``[B, Lq]`` (for the sink masks)."""
     b, h, lq, dim = q.shape
     hkv, w = k.shape[1], spec.window
     bq = block_size(w)
@@ -81,8 +105,9 @@ def _band(q, k, v, layout, spec, scale, softcap, s_aux, q0, k0, q_rows):
     in_band = (m >= u) & (m <= u + w - 1)
     mask = in_band & (real_blk[:, :, None, :] | (m == u + w - 1))  # [B, nb, bq, kw]
     if layout.n_sinks:
-        stream_q = layout.q_start + F.pad(q_rows, (0, nb * bq - lq), value=-1).view(nb, bq, 1)
-        sink_mask = slot_mask(spec, stream_q[None], layout.sink_index[:, None, None, :],
+        stream_q = q_stream if q_stream.dim() == 2 else q_stream[None]
+        stream_q = F.pad(stream_q, (0, nb * bq - lq), value=-1).view(-1, nb, bq, 1)
+        sink_mask = slot_mask(spec, stream_q, layout.sink_index[:, None, None, :],
                               torch.ones((), dtype=torch.bool, device=q.device),
                               layout.sink_valid[:, None, None, :])      # [B, nb, bq, S]
         mask = torch.cat([sink_mask, mask], dim=-1)
@@ -90,9 +115,12 @@ def _band(q, k, v, layout, spec, scale, softcap, s_aux, q0, k0, q_rows):
         k_blk = torch.cat([layout.sink_k[:, :, None].expand(expand), k_blk], dim=3)
         v_blk = torch.cat([layout.sink_v[:, :, None].expand(expand), v_blk], dim=3)
     q_blk = F.pad(q, (0, 0, 0, nb * bq - lq)).view(b, h, nb, bq, dim)
-    fold = lambda x: x.transpose(1, 2).reshape(b * nb, x.shape[1], *x.shape[3:])
-    out = fused_attention(fold(q_blk), fold(k_blk), fold(v_blk), mask.reshape(b * nb, 1, bq, -1),
-                          scale, softcap, s_aux)                   # [B*nb, H, bq, D]
+    # One SDPA call per batch row: for a single row, [nb, Hkv, kw, D] is a *view* of the
+    # unfolded keys (overlapping blocks, no copy); merging a batch dim with the block dim
+    # would copy the keys kw/bq (~5x) times over, which costs more than the attention.
+    out = torch.cat([fused_attention(q_blk[i].transpose(0, 1), k_blk[i].transpose(0, 1),
+                                     v_blk[i].transpose(0, 1), mask[i, :, None], scale, softcap, s_aux)
+                     for i in range(b)])                           # [B*nb, H, bq, D]
     return out.view(b, nb, h, bq, dim).permute(0, 1, 3, 2, 4).reshape(b, nb * bq, h, dim)[:, :lq]
 
 
