@@ -42,7 +42,8 @@ class InterimWindowLayer(DynamicLayer):
         values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
         if self.sinks and self.start == 0 and (self.sink_k is None or self.sink_k.shape[-2] < self.sinks):
-            self.sink_k, self.sink_v = keys[..., :self.sinks, :], values[..., :self.sinks, :]
+            self.sink_k = keys[..., :self.sinks, :].clone()
+            self.sink_v = values[..., :self.sinks, :].clone()
         if self.slots is not None and keys.shape[-2] > self.slots:
             drop = keys.shape[-2] - self.slots
             self.keys, self.values = keys[..., drop:, :].clone(), values[..., drop:, :].clone()
