@@ -258,7 +258,7 @@ def plot(rows, path, title: str | None = None) -> None:
         x = [r.tokens for r in rs]
         ax_ppl.plot(x, [r.ppl for r in rs], label=mode, marker="." if len(rs) < 40 else None)
         ax_mem.plot(x, [r.kv_bytes / 2**20 for r in rs], label=mode)
-    ax_ppl.set(xlabel="tokens streamed", ylabel="cumulative perplexity", yscale="log",
+    ax_ppl.set(xlabel="tokens streamed", ylabel="cumulative perplexity",
                title="perplexity")
     ax_mem.set(xlabel="tokens streamed", ylabel="KV cache (MiB)", title="KV-cache memory")
     for ax in (ax_ppl, ax_mem):
