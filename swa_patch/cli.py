@@ -9,6 +9,7 @@ import logging
 COMMAND_MODULES = [
     # one line per feature module; each defines add_cli(subparsers)
     "swa_patch.receptive",
+    "swa_patch.streaming",
 ]
 
 
