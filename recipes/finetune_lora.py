@@ -156,7 +156,10 @@ def load_model(args, accelerator):
                       lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules or lora_targets(model_type),
                       modules_to_save=embedding_and_norm_modules(model_type) if args.train_embeddings_norms
-                      else None)
+                      else None,
+                      # tied input/output embeddings stay tied when the embeddings are trained
+                      ensure_weight_tying=bool(args.train_embeddings_norms
+                                               and getattr(text_config, "tie_word_embeddings", False)))
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -281,9 +284,13 @@ def main(argv=None):
     accelerator.print(f"{len(train)} training / {len(held)} held-out blocks of {args.seq_len} tokens; "
                       f"{max_steps} steps of {args.batch_size}x{args.grad_accum}x{accelerator.num_processes} sequences")
 
+    def log_eval(at: int) -> None:
+        loss = evaluate(model, eval_dl, accelerator, args.eval_batches)
+        accelerator.log({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=at)
+        accelerator.print(f"step {at} eval loss {loss:.4f} perplexity {math.exp(loss):.3f}")
+
     if step == 0 and len(held):
-        accelerator.log({"eval/loss": (l := evaluate(model, eval_dl, accelerator, args.eval_batches)),
-                         "eval/perplexity": math.exp(l)}, step=0)
+        log_eval(0)
     model.train()
     consumed = step * args.grad_accum                       # micro-batches per process so far
     epoch, skip = divmod(consumed, len(train_dl))
@@ -314,9 +321,7 @@ def main(argv=None):
             accelerator.print(f"step {step}/{max_steps} loss {train_loss:.4f}")
             running, count = torch.zeros((), device=accelerator.device), 0
             if len(held) and (step == max_steps or (args.eval_every and step % args.eval_every == 0)):
-                l = evaluate(model, eval_dl, accelerator, args.eval_batches)
-                accelerator.log({"eval/loss": l, "eval/perplexity": math.exp(l)}, step=step)
-                accelerator.print(f"step {step} eval loss {l:.4f} perplexity {math.exp(l):.3f}")
+                log_eval(step)
             if step == max_steps or (args.save_every and step % args.save_every == 0):
                 save_checkpoint(accelerator, args, step)
             tick = time.perf_counter()

@@ -27,7 +27,7 @@ def _text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))[:24_000]
 
 
-def _tiny_checkpoint(folder: Path) -> None:
+def _tiny_checkpoint(folder: Path, tie: bool = False) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -38,7 +38,7 @@ def _tiny_checkpoint(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=False, initializer_range=0.1, eos_token_id=tokenizer.eos_token_id)
+                         tie_word_embeddings=tie, initializer_range=0.1, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
 
@@ -142,3 +142,21 @@ def test_every_family_has_lora_targets_that_exist():
         assert not missing, (model_type, missing)
     with pytest.raises(ValueError, match="--target-modules"):
         lora_targets("not_a_family")
+
+
+def test_longlora_option_trains_tied_embeddings_and_norms(tmp_path):
+    from accelerate import Accelerator
+
+    from finetune_lora import load_model
+
+    _tiny_checkpoint(tmp_path / "tied", tie=True)
+    args = parse_args(["--model", str(tmp_path / "tied"), "--dataset", "d", "--output", "o", "--window", "8",
+                       "--train-embeddings-norms"])
+    _, model, _ = load_model(args, Accelerator(cpu=True))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens" in n for n in trainable) and any("input_layernorm" in n for n in trainable)
+    assert any("lora_A" in n and "down_proj" in n for n in trainable)
+    base = model.get_base_model()
+    # the output head follows the trained copy of the input embeddings
+    assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+    assert swa_patch.patch.patch_settings(base).window == 8
