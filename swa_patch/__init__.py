@@ -1,10 +1,11 @@
 """Sliding-window attention for Hugging Face causal LMs: ``patch_model(model, window, sinks)``."""
 __version__ = "0.1.0"
 
+from .checkpoint import from_pretrained, save_pretrained
 from .config import SWAConfig
 from .cache import SWACache, make_cache
 from .patch import patch_model, unpatch_model
 from .receptive import receptive_field
 
-__all__ = ["SWACache", "SWAConfig", "make_cache", "patch_model", "receptive_field", "unpatch_model",
-           "__version__"]
+__all__ = ["SWACache", "SWAConfig", "from_pretrained", "make_cache", "patch_model", "receptive_field",
+           "save_pretrained", "unpatch_model", "__version__"]

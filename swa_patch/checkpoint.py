@@ -1,0 +1,202 @@
+"""Checkpoints: save a patched model (or its LoRA adapter) and load it back patched.
+
+A patched model's text config carries the settings as a namespaced block
+(``config.swa_patch``, with our version), so ``model.save_pretrained`` already writes them
+into ``config.json``.  :func:`save_pretrained` adds what a plain ``save_pretrained`` cannot:
+
+- for families with a native sliding window (Mistral, Qwen2, Gemma 2/3, ...) it writes the
+  native fields (``sliding_window``, ``layer_types``, ...) so that plain transformers, without
+  this package, runs the same plain window (sinks and dilation have no native field);
+  the in-memory model is not changed, and the original values are kept beside the block
+  (``swa_patch_native``) so :func:`from_pretrained` rebuilds exactly the model that was saved;
+- a model loaded from a GGUF file (dequantised weights, but marked "quantized with gguf")
+  is saved as a plain checkpoint;
+- a ``peft`` model saves its adapter plus ``swa_patch.json`` (the block, and how to load
+  the base), which :func:`from_pretrained` reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+
+from . import compat
+from .config import SWAConfig
+from .families import FAMILIES
+from .patch import CONFIG_KEY, layer_specs, patch_model, patch_settings
+
+logger = logging.getLogger("swa_patch")
+
+NATIVE_KEY = "swa_patch_native"        # original values of the native fields we overwrote
+ADAPTER_FILE = "swa_patch.json"        # the block beside a peft adapter
+_DELETE = object()                     # _temporarily: attribute absent
+
+
+def native_window_fields(model) -> dict:
+    """The native config fields that make plain transformers run this model's window, or
+    ``{}`` when the family has no native window or the patch is not expressible natively
+    (per-layer window sizes, dilation).  Sinks are dropped (no native field): plain
+    transformers then runs the plain window."""
+    settings = patch_settings(model)
+    config = compat.text_config(model)
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if settings is None or family is None or not family.native_window:
+        return {}
+    specs = layer_specs(model)
+    windowed = [s for s in specs if s.window is not None]
+    windows = {s.window for s in windowed}
+    if len(windows) > 1 or any(s.dilation != 1 for s in windowed):
+        logger.warning("swa_patch: per-layer window sizes or dilation have no native %s config field; "
+                       "config.json keeps the model's own window fields (use swa_patch.from_pretrained)",
+                       config.model_type)
+        return {}
+    if settings.sinks:
+        logger.info("swa_patch: native fields describe the window only; the %d sinks need "
+                    "swa_patch.from_pretrained", settings.sinks)
+    window = windows.pop() if windows else None
+    fields = {}
+    if hasattr(config, "sliding_window"):
+        fields["sliding_window"] = window
+    if hasattr(config, "use_sliding_window"):
+        fields["use_sliding_window"] = window is not None
+    if getattr(config, "layer_types", None) is not None:
+        fields["layer_types"] = ["full_attention" if s.window is None else "sliding_attention" for s in specs]
+    return fields
+
+
+@contextlib.contextmanager
+def _temporarily(obj, values: dict):
+    """Set attributes on ``obj`` inside the block (a missing value: attribute deleted)."""
+    old = {k: getattr(obj, k, _DELETE) for k in values}
+    try:
+        for k, v in values.items():
+            if v is _DELETE:
+                if hasattr(obj, k):
+                    delattr(obj, k)
+            else:
+                setattr(obj, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is _DELETE:
+                if hasattr(obj, k):
+                    delattr(obj, k)
+            else:
+                setattr(obj, k, v)
+
+
+def _is_gguf(model) -> bool:
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    return quantizer is not None and getattr(method, "value", method) == "gguf"
+
+
+def save_pretrained(model, save_directory, base_load_kwargs: dict | None = None, **kwargs) -> None:
+    """Save a (patched) model, a ``peft`` model's adapter, or a GGUF-loaded model.
+
+    ``base_load_kwargs`` (adapters only): keyword arguments needed to load the base again,
+    e.g. ``{"gguf_file": "model.gguf"}``.  ``kwargs`` go to ``save_pretrained``
+    (``is_main_process``, ``safe_serialization``, ...).  Reload with
+    :func:`swa_patch.from_pretrained` (patched) or plain transformers / peft (unpatched)."""
+    save_directory = os.fspath(save_directory)
+    if _is_peft(model):
+        _save_adapter(model, save_directory, base_load_kwargs or {}, **kwargs)
+        return
+    if base_load_kwargs:
+        raise TypeError("save_pretrained: base_load_kwargs applies to peft models only")
+    config = compat.text_config(model)
+    fields = native_window_fields(model)
+    if fields:
+        fields[NATIVE_KEY] = {k: getattr(config, k, None) for k in fields}
+    gguf = _is_gguf(model)
+    if gguf:   # weights are dequantised: save them as a plain checkpoint
+        logger.info("swa_patch: saving a GGUF-loaded model as a plain %s checkpoint", model.dtype)
+    with _temporarily(config, fields), \
+            _temporarily(model.config, {"quantization_config": _DELETE} if gguf else {}), \
+            _temporarily(model, {"hf_quantizer": None} if gguf else {}):
+        model.save_pretrained(save_directory, **kwargs)
+
+
+def from_pretrained(path, **kwargs):
+    """Load a checkpoint written from a patched model and patch it again.
+
+    ``path``: a folder with ``config.json`` carrying the ``swa_patch`` block, or a peft
+    adapter folder (``adapter_config.json``) saved by :func:`save_pretrained`; then the base
+    named there is loaded, patched with the saved settings, and the adapter attached.
+    ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...);
+    ``is_trainable=True`` makes the adapter trainable."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"from_pretrained(path={path!r}): not a folder; give a checkpoint folder "
+                         "written by swa_patch.save_pretrained or model.save_pretrained")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return _load_adapter(path, **kwargs)
+    is_trainable = kwargs.pop("is_trainable", None)
+    if is_trainable is not None:
+        raise TypeError("from_pretrained: is_trainable applies to adapter folders only; "
+                        f"{path} holds a full checkpoint")
+    config_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "revision", "gguf_file") if k in kwargs}
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    text = config.get_text_config(decoder=True)
+    block = getattr(text, CONFIG_KEY, None)
+    if block is None:
+        raise ValueError(f"{path}/config.json has no {CONFIG_KEY!r} block: it was not saved from a "
+                         "patched model. Load it with transformers and call swa_patch.patch_model")
+    settings = SWAConfig.from_dict(block)
+    for k, v in (getattr(text, NATIVE_KEY, None) or {}).items():
+        setattr(text, k, v)         # the model as it was before saving, then patched again
+    for k in (CONFIG_KEY, NATIVE_KEY):
+        if hasattr(text, k):
+            delattr(text, k)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    return patch_model(model, settings=settings)
+
+
+# ---- peft adapters --------------------------------------------------------------------
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _save_adapter(model, save_directory: str, base_load_kwargs: dict, **kwargs) -> None:
+    base = model.get_base_model()
+    settings = patch_settings(base)
+    if settings is None:
+        raise ValueError("save_pretrained: the peft model's base is not patched; patch the base with "
+                         "swa_patch.patch_model before attaching adapters")
+    model.save_pretrained(save_directory, **kwargs)
+    if not kwargs.get("is_main_process", True):
+        return
+    info = {CONFIG_KEY: settings.to_dict(),
+            "base_model_name_or_path": base.config.name_or_path,
+            "base_load_kwargs": base_load_kwargs}
+    with open(os.path.join(save_directory, ADAPTER_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def _load_adapter(path: str, is_trainable: bool = False, base_model=None, **kwargs):
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    info_file = os.path.join(path, ADAPTER_FILE)
+    if not os.path.isfile(info_file):
+        raise ValueError(f"{path} holds a peft adapter but no {ADAPTER_FILE}: it was not saved with "
+                         "swa_patch.save_pretrained from a patched model")
+    with open(info_file) as f:
+        info = json.load(f)
+    settings = SWAConfig.from_dict(info[CONFIG_KEY])
+    if base_model is None:
+        base_path = info.get("base_model_name_or_path") or PeftConfig.from_pretrained(path).base_model_name_or_path
+        load_kwargs = {**info.get("base_load_kwargs", {}), **kwargs}
+        base_model = AutoModelForCausalLM.from_pretrained(base_path, **load_kwargs)
+    block = getattr(compat.text_config(base_model), CONFIG_KEY, None)
+    if block is not None and patch_settings(base_model) is None:
+        delattr(compat.text_config(base_model), CONFIG_KEY)   # a base saved patched: re-patch below
+    patch_model(base_model, settings=settings)
+    return PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable)

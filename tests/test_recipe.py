@@ -1,0 +1,162 @@
+"""The LoRA recipe end to end: ``accelerate launch`` with 2 CPU processes on a tiny random
+Llama (saved with save_pretrained) and a small text file."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import swa_patch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+sys.path.insert(0, str(RECIPES))
+from data import load_texts, pack  # noqa: E402
+from finetune_lora import load_recipe, build_parser, parse_args  # noqa: E402
+from lora_targets import TARGETS, lora_targets  # noqa: E402
+
+
+def _text() -> str:
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))[:24_000]
+
+
+def _tiny_checkpoint(folder: Path, tie: bool = False) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([_text()], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=tie, initializer_range=0.1, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(RECIPES / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "0",
+           str(RECIPES / "finetune_lora.py"), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recipe")
+    _tiny_checkpoint(tmp / "base")
+    (tmp / "train.txt").write_text(_text())
+    common = ["--config", str(RECIPES / "configs" / "tiny_test.yaml"), "--model", str(tmp / "base"),
+              "--dataset", str(tmp / "train.txt"), "--eval-fraction", "0.1"]
+    _launch([*common, "--output", str(tmp / "out"), "--merge"], tmp)
+    return tmp, common
+
+
+def test_two_process_run_learns_and_writes_everything(trained):
+    tmp, _ = trained
+    out = tmp / "out"
+    rows = _metrics(out)
+    assert rows[0]["config"]["window"] == 16
+    train = [r["train/loss"] for r in rows if "train/loss" in r]
+    evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+    assert len(train) == 8 and sorted(evals) == [0, 4, 8]
+    assert sum(train[-3:]) / 3 < sum(train[:3]) / 3 - 0.1, train
+    assert evals[8] < evals[0] - 0.1, evals
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_4", "step_8"]
+    assert (out / "adapter_config.json").is_file() and (out / "swa_patch.json").is_file()
+
+
+def test_reloaded_adapter_gives_the_logged_eval_loss_and_merge_agrees(trained):
+    tmp, _ = trained
+    out = tmp / "out"
+    model = swa_patch.from_pretrained(out).eval()
+    settings = swa_patch.patch.patch_settings(model.get_base_model())
+    assert (settings.window, settings.sinks) == (16, 2)
+    from transformers import AutoTokenizer
+
+    blocks = pack(load_texts(str(tmp / "train.txt")), AutoTokenizer.from_pretrained(out), 64)
+    n_eval = math.ceil(len(blocks) * 0.1)
+    held = torch.tensor(blocks.select(range(len(blocks) - n_eval, len(blocks)))["input_ids"])
+    with torch.no_grad():
+        logits = model(held).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), held[:, 1:],
+                                             reduction="none").mean(-1).mean().item()
+    logged = {r["step"]: r["eval/loss"] for r in _metrics(out) if "eval/loss" in r}[8]
+    assert loss == pytest.approx(logged, abs=1e-5)
+    merged = swa_patch.from_pretrained(out / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(held).logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_continues_from_the_saved_step(trained):
+    tmp, common = trained
+    out = tmp / "out"
+    # a second run that starts from the first run's step-4 checkpoint
+    _launch([*common, "--output", str(tmp / "resumed"), "--resume", str(out / "checkpoints" / "step_4")], tmp)
+    first = {r["step"]: r["train/loss"] for r in _metrics(out) if "train/loss" in r}
+    again = {r["step"]: r["train/loss"] for r in _metrics(tmp / "resumed") if "train/loss" in r}
+    assert sorted(again) == [5, 6, 7, 8]
+    for s in again:
+        assert again[s] == pytest.approx(first[s], abs=1e-4), (s, again, first)
+
+
+def test_recipe_files_and_flags(tmp_path):
+    parser = build_parser()
+    for path in (RECIPES / "configs").iterdir():
+        load_recipe(str(path), parser)          # every shipped recipe names only known flags
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("windw: 8\n")
+    with pytest.raises(SystemExit, match="unknown key 'windw'"):
+        load_recipe(str(bad), parser)
+    args = parse_args(["--config", str(RECIPES / "configs" / "tiny_test.yaml"), "--model", "m",
+                       "--dataset", "d", "--output", "o", "--window", "32"])
+    assert (args.window, args.seq_len, args.sinks) == (32, 64, 2)     # CLI > file > defaults
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--dataset", "d", "--output", "o"])   # --window missing
+
+
+def test_every_family_has_lora_targets_that_exist():
+    from tests.models import FAMILY_CONFIGS, tiny_model
+
+    assert set(TARGETS) == set(FAMILY_CONFIGS)
+    for model_type in FAMILY_CONFIGS:
+        names = {n.rsplit(".", 1)[-1] for n, _ in tiny_model(model_type).named_modules()}
+        missing = set(lora_targets(model_type)) - names
+        assert not missing, (model_type, missing)
+    with pytest.raises(ValueError, match="--target-modules"):
+        lora_targets("not_a_family")
+
+
+def test_longlora_option_trains_tied_embeddings_and_norms(tmp_path):
+    from accelerate import Accelerator
+
+    from finetune_lora import load_model
+
+    _tiny_checkpoint(tmp_path / "tied", tie=True)
+    args = parse_args(["--model", str(tmp_path / "tied"), "--dataset", "d", "--output", "o", "--window", "8",
+                       "--train-embeddings-norms"])
+    _, model, _ = load_model(args, Accelerator(cpu=True))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens" in n for n in trainable) and any("input_layernorm" in n for n in trainable)
+    assert any("lora_A" in n and "down_proj" in n for n in trainable)
+    base = model.get_base_model()
+    # the output head follows the trained copy of the input embeddings
+    assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+    assert swa_patch.patch.patch_settings(base).window == 8
