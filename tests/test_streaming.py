@@ -234,3 +234,24 @@ def test_streaming_chat_carries_cache_across_generate(tiny_folder):
     assert len(set(sizes)) == 1                              # bounded, long past the window
     with pytest.raises(ValueError, match="message"):
         chat.turn("  ")
+
+
+def test_cli_generate_keeps_the_cache_bounded(tiny_folder, capsys):
+    sizes = []
+    for new in (40, 120):
+        rc = main(["generate", "The quick brown", "--model", str(tiny_folder), "--window", "8", "--sinks", "2",
+                   "--max-new-tokens", str(new)])
+        captured = capsys.readouterr()
+        assert rc == 0 and captured.out.replace(" ", "").startswith("Thequickbrown")
+        tokens, nbytes = int(captured.err.split(" after ")[1].split()[0]), int(captured.err.split("cache: ")[1].split()[0])
+        assert tokens == len("The quick brown") + new - 1       # the last new token is never fed back
+        sizes.append(nbytes)
+    layers, kv_heads, head_dim = 2, 2, 16
+    assert sizes[0] == sizes[1] >= layers * 2 * kv_heads * (8 + 2) * head_dim * 4   # sinks + window, constant
+
+
+def test_cli_bench_names_its_scripts():
+    from swa_patch.commands import BENCHMARKS
+    import pathlib
+    folder = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    assert all((folder / script).is_file() for script in BENCHMARKS.values())
