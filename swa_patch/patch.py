@@ -1,6 +1,7 @@
 """patch_model / unpatch_model: registration, per-layer plans, config write-back."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from . import compat
@@ -28,10 +29,12 @@ def patch_model(model, window=None, sinks: int = 0, **options):
     family = family_of(text_config)
     n_layers = text_config.num_hidden_layers
     specs = settings.layer_specs(n_layers, native_full_layers(text_config))
-    if family.rope == "absolute" and settings.positions == "shift":
-        raise ValueError(f"positions='shift' needs rotary position embeddings; "
-                         f"{text_config.model_type} uses absolute positions: use positions='original'")
-    if settings.positions == "shift":
+    if settings.positions is None and family.rope == "absolute":
+        settings = dataclasses.replace(settings, positions="original")   # nothing to shift
+    if settings.position_mode == "shift":
+        if family.rope == "absolute":
+            raise ValueError(f"positions='shift' needs rotary position embeddings; {text_config.model_type} "
+                             "uses absolute positions: use positions='original'")
         from .rope import model_ropes
         model_ropes(model, n_layers)     # refuses RoPE that cannot be re-rotated exactly
     check_available(settings.backend, next(model.parameters()).device)

@@ -278,9 +278,13 @@ def test_shift_refused_where_it_cannot_be_exact():
     with pytest.raises(ValueError, match="dynamic"):
         patch_model(dyn, window=4, sinks=2, positions="shift")
     assert not hasattr(dyn, "_swa_patch_state")
-    gpt2 = patch_model(tiny_model("gpt2"), window=4, sinks=2)     # default positions: shift
+    with pytest.raises(ValueError, match="dynamic"):                # default positions with sinks: shift
+        patch_model(tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                         "rope_theta": 1e4}), window=4, sinks=2)
+    gpt2 = patch_model(tiny_model("gpt2"), window=4, sinks=2)     # absolute positions: default original
+    assert make_cache(gpt2).position_mode == "original"
     with pytest.raises(ValueError, match="positions='original'"):
-        make_cache(gpt2)
+        make_cache(gpt2, positions="shift")
 
 
 def test_unpatch_removes_every_hook():

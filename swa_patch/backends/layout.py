@@ -37,7 +37,16 @@ class KeyLayout:
         return 0 if self.sink_k is None else self.sink_k.shape[2]
 
     def dense_mask(self, spec: LayerSpec, q_len: int, k_len: int, batch: int, device) -> torch.Tensor:
-        """Boolean ``[B, q_len, S + k_len]`` mask over (sink slots, contiguous keys)."""
+        """Boolean ``[B, q_len, S + k_len]`` mask over (sink slots, contiguous keys); built once per
+        forward for all layers that share ``spec`` (their layouts are identical)."""
+        if self.memo is None:
+            return self._dense_mask(spec, q_len, k_len, batch, device)
+        key = ("dense", spec, q_len, k_len, self.q_start, self.k_start, self.n_sinks, self.key_index is None)
+        if key not in self.memo:
+            self.memo[key] = self._dense_mask(spec, q_len, k_len, batch, device)
+        return self.memo[key]
+
+    def _dense_mask(self, spec, q_len, k_len, batch, device):
         i = self.q_start + torch.arange(q_len, device=device)[:, None]
         jc = (self.k_start + torch.arange(k_len, device=device) if self.key_index is None
               else self.key_index.to(device))
