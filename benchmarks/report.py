@@ -1,0 +1,96 @@
+"""Markdown results tables for the README, read from benchmarks/results/*.csv.
+
+    python benchmarks/report.py > /tmp/results.md
+"""
+from __future__ import annotations
+
+import csv
+import os
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def rows(name):
+    path = os.path.join(RESULTS, name)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def f(x, digits=2):
+    return f"{float(x):.{digits}f}"
+
+
+def table(header, body):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def prefill():
+    data = rows("prefill_scaling.csv")
+    out = []
+    for mode in ("fwd", "fwd+bwd"):
+        sizes = sorted({int(r["n"]) for r in data if r["level"] == "attention" and r["mode"] == mode})
+        methods = [m for m in ("dense_sdpa", "hf_sliding_mask", "swa_sdpa", "swa_flex", "swa_eager")
+                   if any(r["method"] == m and r["mode"] == mode for r in data)]
+        body = []
+        for n in sizes:
+            cell = {r["method"]: r for r in data if r["level"] == "attention" and r["mode"] == mode and int(r["n"]) == n}
+            body.append([n] + [f"{f(cell[m]['seconds'], 3)} s ({f(cell[m]['speedup_vs_dense'], 1)}x, "
+                               f"{f(cell[m]['peak_mb'], 0)} MB)" if m in cell else "–" for m in methods])
+        out.append(f"Attention {mode}, W=512, 8 heads, head dim 64, fp32 (seconds, speed-up vs dense causal "
+                   f"SDPA, peak MB above baseline):\n\n" + table(["n"] + methods, body))
+    model = [r for r in data if r["level"] == "model"]
+    if model:
+        body = [[r["n"], r["method"], f(r["seconds"], 2), f(r["speedup_vs_dense"], 2)] for r in model]
+        out.append("Model-level prefill, SmolLM2-135M-shaped random Llama (30 layers), W=1024 "
+                   "(`hf_sliding_mask`: a Mistral of the same shape with `sliding_window=1024`):\n\n"
+                   + table(["tokens", "method", "seconds", "speed-up vs unpatched"], body))
+    return "\n\n".join(out)
+
+
+def decode():
+    data = rows("cache_decode.csv")
+    body = [[r["metric"], r["method"], r["position"], f(r["value"], 2),
+             f(r["ratio_vs_2k"], 2) if r["ratio_vs_2k"] else (f(r["ratio_vs_10k"], 3) if r["ratio_vs_10k"] else ""),
+             f(r["kv_cache_mb"], 1)] for r in data]
+    return table(["metric", "method", "tokens", "value", "ratio to first", "KV MiB"], body)
+
+
+def stream():
+    data = rows("stream_smollm2_40k.csv")
+    if not data:
+        return ""
+    by = {}
+    for r in data:
+        by.setdefault(r["mode"], []).append(r)
+    dense_4k = [r for r in by.get("dense", []) if r["tokens"] == "4096"]
+    body = []
+    for mode, rs in by.items():
+        last = rs[-1]
+        body.append([mode, last["tokens"], f(last["ppl"], 3), f(int(last["kv_bytes"]) / 2**20, 1), f(last["tokens_per_s"], 0)])
+    text = table(["mode", "tokens streamed", "cumulative ppl", "KV MiB", "tokens/s (chunk 512)"], body)
+    if dense_4k and "sinks" in by:
+        ratio = float(by["sinks"][-1]["ppl"]) / float(dense_4k[0]["ppl"])
+        text += f"\n\nsinks at {by['sinks'][-1]['tokens']} tokens / dense at 4,096 tokens: {ratio:.3f}"
+    return text
+
+
+def simple(name, columns):
+    data = rows(name)
+    return table(columns, [[r[c] if not c.endswith(("_s", "ppl", "speedup_vs_attention_sinks", "tokens_per_s"))
+                            else f(r[c], 3) for c in columns] for r in data]) if data else ""
+
+
+if __name__ == "__main__":
+    print("### Prefill scaling\n\n" + prefill())
+    print("\n### Decode with the rolling cache\n\n" + decode())
+    print("\n### Streaming SmolLM2-135M\n\n" + stream())
+    print("\n### Token by token vs attention_sinks 0.4\n\n" + simple(
+        "attention_sinks_compare.csv", ["method", "tokens", "ppl", "tokens_per_s", "speedup_vs_attention_sinks"]))
+    print("\n### Chunked vs token-by-token streaming evaluation\n\n" + simple(
+        "stream_chunked_vs_tbt.csv", ["chunk", "tokens", "ppl", "seconds", "tokens_per_s", "speedup_vs_token_by_token"]))
+    print("\n### Dilation\n\n" + simple("dilation.csv", ["backend", "dilation", "n", "window", "median_s", "ratio_vs_d1"]))
+    print("\n### Training step\n\n" + simple("train_step.csv", ["mode", "metric", "seq_len", "value"]))
