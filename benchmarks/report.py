@@ -78,10 +78,31 @@ def stream():
     return text
 
 
+def num(x):
+    """Integers as they are, other numbers with 3 significant decimals."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return x
+    if v.is_integer() and "." not in str(x):
+        return str(int(v))
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.3f}"
+
+
 def simple(name, columns):
     data = rows(name)
-    return table(columns, [[r[c] if not c.endswith(("_s", "ppl", "speedup_vs_attention_sinks", "tokens_per_s"))
-                            else f(r[c], 3) for c in columns] for r in data]) if data else ""
+    return table(columns, [[num(r[c]) for c in columns] for r in data]) if data else ""
+
+
+def train():
+    data = rows("train_step.csv")
+    cell = {(r["mode"], r["metric"], r["seq_len"]): float(r["value"]) for r in data}
+    body = []
+    for n in sorted({r["seq_len"] for r in data}, key=int):
+        d, w = cell[("dense", "step_s", n)], cell[("window", "step_s", n)]
+        body.append([n, f(d, 1), f(w, 1), f(d / w, 2), f(cell[("dense", "peak_mb", n)], 0),
+                     f(cell[("window", "peak_mb", n)], 0)])
+    return table(["tokens", "dense step s", "window step s", "speed-up", "dense peak MB", "window peak MB"], body)
 
 
 if __name__ == "__main__":
@@ -93,4 +114,6 @@ if __name__ == "__main__":
     print("\n### Chunked vs token-by-token streaming evaluation\n\n" + simple(
         "stream_chunked_vs_tbt.csv", ["chunk", "tokens", "ppl", "seconds", "tokens_per_s", "speedup_vs_token_by_token"]))
     print("\n### Dilation\n\n" + simple("dilation.csv", ["backend", "dilation", "n", "window", "median_s", "ratio_vs_d1"]))
-    print("\n### Training step\n\n" + simple("train_step.csv", ["mode", "metric", "seq_len", "value"]))
+    print("\n### LoRA training step (SmolLM2 shape, 2 layers, vocab 8192, W=1024)\n\n" + train())
+    print("\n### SmolLM2-135M window fine-tune (held-out perplexity)\n\n" + simple(
+        "smollm2_window_finetune.csv", ["source", "condition", "heldout_perplexity", "window", "sinks", "seq_len", "steps"]))

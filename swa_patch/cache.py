@@ -205,6 +205,16 @@ class _SWALayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def _begin_update(self, key_states, value_states):
+        """The step this update belongs to and its ``[B, q]`` real-token mask."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, _, q, _ = key_states.shape
+        step = self.owner.step_for(self.seen, q, b, key_states.device)
+        real = step.real if step.real is not None else torch.ones(b, q, dtype=torch.bool,
+                                                                    device=key_states.device)
+        return step, real
+
     def reset(self) -> None:
         for name, value in list(vars(self).items()):
             if torch.is_tensor(value):
@@ -250,12 +260,8 @@ class FullLayer(_SWALayer):
 
     def update(self, key_states, value_states, *args, kwargs: dict | None = None, **extra):
         """key/value ``[B, Hkv, q, D]`` -> every key so far ``[B, Hkv, N, D]``."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         b, _, q, _ = key_states.shape
-        step = self.owner.step_for(self.seen, q, b, key_states.device)
-        real = step.real if step.real is not None else torch.ones(b, q, dtype=torch.bool,
-                                                                    device=key_states.device)
+        step, real = self._begin_update(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.key_real = torch.cat([self.key_real, real], dim=1)
@@ -313,12 +319,8 @@ class SlidingLayer(_SWALayer):
     def update(self, key_states, value_states, *args, kwargs: dict | None = None, **extra):
         """key/value ``[B, Hkv, q, D]`` (rotated) -> the keys this step attends over:
         the buffer ``[B, Hkv, span, D]`` for q == 1, else ``[B, Hkv, old + q, D]`` in order."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         b, _, q, _ = key_states.shape
-        step = self.owner.step_for(self.seen, q, b, key_states.device)
-        real = step.real if step.real is not None else torch.ones(b, q, dtype=torch.bool,
-                                                                    device=key_states.device)
+        step, real = self._begin_update(key_states, value_states)
         sink_index = self._store_sinks(key_states, value_states, step, real)
         if q == 1:
             keys, values, layout = self._decode(key_states, value_states, step, real)

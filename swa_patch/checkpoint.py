@@ -70,20 +70,18 @@ def _temporarily(obj, values: dict):
     """Set attributes on ``obj`` inside the block (a missing value: attribute deleted)."""
     old = {k: getattr(obj, k, _DELETE) for k in values}
     try:
-        for k, v in values.items():
-            if v is _DELETE:
-                if hasattr(obj, k):
-                    delattr(obj, k)
-            else:
-                setattr(obj, k, v)
+        _assign(obj, values)
         yield
     finally:
-        for k, v in old.items():
-            if v is _DELETE:
-                if hasattr(obj, k):
-                    delattr(obj, k)
-            else:
-                setattr(obj, k, v)
+        _assign(obj, old)
+
+
+def _assign(obj, values: dict) -> None:
+    for k, v in values.items():
+        if v is not _DELETE:
+            setattr(obj, k, v)
+        elif hasattr(obj, k):
+            delattr(obj, k)
 
 
 def _is_gguf(model) -> bool:
