@@ -76,6 +76,10 @@ def contiguous_layout(info: MaskInfo | None, query, key, value, spec: LayerSpec)
     b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
     q_start = lk - lq if info is None else info.q_offset
     k_start = q_start + lq - lk
+    if k_start < 0:
+        raise ValueError(f"got {lk} keys for a stream of {q_start + lq} tokens: a pre-allocated cache "
+                         "(StaticCache, cache_implementation='static') is not supported; use "
+                         "swa_patch.make_cache(model) or the default cache of generate()")
     padding = None if info is None else info.padding
     if padding is not None and padding.shape[1] < q_start + lq:
         raise ValueError(f"attention_mask covers {padding.shape[1]} tokens but the stream has "

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 
 from .backends.layout import KeyLayout
 from .masks import LayerSpec
@@ -473,6 +473,10 @@ def _swap_default_cache(model):
     again maps to the same SWACache."""
     def hook(module, args, kwargs):
         name, cache = _find_cache(kwargs)
+        if isinstance(cache, StaticCache):
+            raise ValueError("a pre-allocated cache (StaticCache, cache_implementation='static') is not "
+                             "supported by a patched model; use swa_patch.make_cache(model) or the default "
+                             "cache of generate()")
         if type(cache) is not DynamicCache or getattr(cache, "_is_user_defined", False):
             return None
         swa = getattr(cache, "_swa_patch_cache", None)

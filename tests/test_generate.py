@@ -108,3 +108,12 @@ def test_cache_carries_across_generate_calls(positions):
             expected.append(logits.argmax(-1, keepdim=True))
             logits = model(expected[-1], cache=fresh).logits[:, -1]
     torch.testing.assert_close(turn2[:, history.shape[1]:], torch.cat(expected, 1))
+
+
+def test_static_cache_is_refused_not_misread():
+    from models import tiny_model
+    from swa_patch import patch_model
+    model = patch_model(tiny_model("llama"), window=4, sinks=0, backend="sdpa")
+    ids = torch.randint(3, 97, (1, 6))
+    with pytest.raises(ValueError, match="pre-allocated cache"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
