@@ -59,9 +59,8 @@ def attend(q, k, v, layout: KeyLayout, spec, scale, softcap=None, s_aux=None):
                             layout.sink_v, layout.sink_index, layout.sink_valid)
             keep = layout.q_start + full_from - layout.k_start
             part = sdpa.attend(q[:, :, rows], k[:, :, :keep], v[:, :, :keep], sub, spec, scale, softcap, s_aux)
-            if s_aux is not None:
+            if s_aux is not None:            # ``part`` already includes the learned sinks
                 out = _with_s_aux(out, lse, s_aux)
-                return torch.cat([out[:, :partial_from], part, out[:, full_from:]], dim=1)
             return torch.cat([out[:, :partial_from], part, out[:, full_from:]], dim=1)
     return out if s_aux is None else _with_s_aux(out, lse, s_aux)
 
