@@ -5,10 +5,12 @@
    interleaved (d=1, d=4, d=1, ...) so machine noise hits both; the ratio d=4 / d=1 of the
    medians is the figure (target: <= 1.5).  Also the number of blocks each flex block mask
    touches (the residue permutation keeps a dilated band as sparse as an undilated one).
+   A per-head layer (default: 8 heads at d = 1/1/2/2/4/4/8/8) is timed the same way.
 2. The receptive field of 24 layers of W=512 with dilation 1/2/4/8 by quarter vs undilated,
-   from swa_patch.receptive_field, confirmed by the gradient check on a tiny model with the
-   same shape of schedule (24 layers, W=4): the last position's output has a non-zero
-   gradient with respect to exactly the input embeddings inside the computed field.
+   and with every layer's heads dilated 1/1/2/2/4/4/8/8, from swa_patch.receptive_field,
+   confirmed by the gradient check on a tiny model with the same shape of schedule (24
+   layers, W=4): the last position's output has a non-zero gradient with respect to exactly
+   the input embeddings inside the computed field.
 
     PYTHONPATH=. python benchmarks/dilation.py [--n 16384] [--repeats 5] [--out benchmarks/results]
 
@@ -20,51 +22,62 @@ import argparse
 import csv
 import statistics
 import time
+import types
 from pathlib import Path
 
 import torch
 
 from swa_patch import patch_model, receptive_field, unpatch_model
-from swa_patch.attention import MaskInfo, contiguous_layout
-from swa_patch.backends import flex, sdpa
+from swa_patch.attention import LayerPlan, MaskInfo, swa_attention
 from swa_patch.masks import LayerSpec
 from swa_patch.receptive import layer_reach, plot_reach, reachable_positions
 
-BACKENDS = {"sdpa": sdpa, "flex": flex}
+BACKENDS = ("sdpa", "flex")
+
+
+def _label(dilation) -> str:
+    return str(dilation) if isinstance(dilation, int) else "/".join(map(str, dilation))
 
 
 def time_attention(args):
+    """Each setting through the registered attention function (so per-head dilation pays its
+    head grouping), runs interleaved; the ratio is to the first setting (d=1)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, args.heads, args.n, args.head_dim) for _ in range(3))
     scale = args.head_dim ** -0.5
+    settings = list(args.dilations) + ([tuple(args.head_dilations)] if args.head_dilations else [])
     rows = []
-    for name, module in BACKENDS.items():
+    for name in BACKENDS:
         calls, blocks = {}, {}
-        for d in args.dilations:
+        for d in settings:
             spec = LayerSpec(args.window, d, 0)
             info = MaskInfo(0, None)
-            layout = contiguous_layout(info, q, k, v, spec)
-            calls[d] = (lambda m=module, s=spec, lay=layout: m.attend(q, k, v, lay, s, scale))
+            module = types.SimpleNamespace(_swa_plan=LayerPlan(spec, name), training=False)
+            calls[d] = (lambda m=module, i=info: swa_attention(m, q, k, v, i, scaling=scale))
             with torch.no_grad():
-                calls[d]()                                    # warm-up: compile, block mask
-            for bm in info.memo.values():
-                blocks[d] = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
-        times = {d: [] for d in args.dilations}
+                calls[d]()                                    # warm-up: compile, block masks
+            blocks_of = {key[1]: int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
+                         for key, bm in info.memo.items() if key[0] == "flex"}
+            if blocks_of:   # per head (a mask serves every head of its group): comparable across rows
+                groups = spec.head_groups(args.heads)
+                blocks[d] = round(sum(blocks_of[g] * len(h) for g, h in groups) / args.heads)
+        times = {d: [] for d in settings}
         with torch.no_grad():
             for _ in range(args.repeats):
-                for d in args.dilations:
+                for d in settings:
                     start = time.perf_counter()
                     calls[d]()
                     times[d].append(time.perf_counter() - start)
-        base = statistics.median(times[args.dilations[0]])
-        for d in args.dilations:
+        base = statistics.median(times[settings[0]])
+        for d in settings:
             med = statistics.median(times[d])
-            rows.append(dict(backend=name, dilation=d, n=args.n, window=args.window, heads=args.heads,
+            rows.append(dict(backend=name, dilation=_label(d), n=args.n, window=args.window, heads=args.heads,
                              head_dim=args.head_dim, dtype="float32", threads=torch.get_num_threads(),
                              repeats=args.repeats, median_s=round(med, 4), min_s=round(min(times[d]), 4),
                              ratio_vs_d1=round(med / base, 3), flex_blocks=blocks.get(d, "")))
-            print(f"{name:5s} d={d}: median {med:.3f} s  min {min(times[d]):.3f} s  "
-                  f"ratio vs d=1 {med / base:.2f}x" + (f"  blocks {blocks[d]}" if d in blocks else ""))
+            print(f"{name:5s} d={_label(d)}: median {med:.3f} s  min {min(times[d]):.3f} s  "
+                  f"ratio vs d={_label(settings[0])} {med / base:.2f}x"
+                  + (f"  blocks {blocks[d]}" if d in blocks else ""))
     return rows
 
 
@@ -85,10 +98,24 @@ def reach_rows(args):
                f"24 layers, W={args.window}: dilation 1/2/4/8 by quarter",
                baseline=layer_reach(config, window=args.window))
 
-    small_w, n = 4, 300
-    model = tiny_model("llama", num_hidden_layers=24, dtype=torch.float64, initializer_range=0.2,
-                       hidden_size=16, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)
-    for schedule, options in [("local-to-dilated", dict(schedule="local-to-dilated")), ("uniform", {})]:
+    heads = list(args.head_dilations or [1, 1, 2, 2, 4, 4, 8, 8])
+    config.num_attention_heads, config.num_key_value_heads = len(heads), 2
+    per_head = layer_reach(config, window=args.window, dilation=[heads] * 24)[-1]
+    print(f"24 layers, W={args.window}, every layer's heads at d={_label(tuple(heads))}: reaches "
+          f"{per_head.reach} tokens ({per_head.reachable} reachable, {per_head.holes} holes near the far edge)")
+    rows.append(dict(check="formula", layers=24, window=args.window, schedule=f"per-head {_label(tuple(heads))}",
+                     reach=per_head.reach, reachable=per_head.reachable))
+
+    small_w = 4
+    shape = dict(num_hidden_layers=24, dtype=torch.float64, initializer_range=0.2, hidden_size=16,
+                 intermediate_size=16)
+    checks = [("local-to-dilated", 300, dict(num_attention_heads=2, num_key_value_heads=1),
+               dict(schedule="local-to-dilated")),
+              ("uniform", 300, dict(num_attention_heads=2, num_key_value_heads=1), {}),
+              (f"per-head {_label(tuple(heads))}", 620,
+               dict(num_attention_heads=len(heads), num_key_value_heads=2, head_dim=4), dict(dilation=[heads] * 24))]
+    for schedule, n, heads_shape, options in checks:
+        model = tiny_model("llama", **shape, **heads_shape)
         computed = receptive_field(model, window=small_w, **options)
         patch_model(model, window=small_w, backend="sdpa", **options)
         try:
@@ -105,7 +132,7 @@ def reach_rows(args):
               f"over the last {measured} of {n} positions ({len(support)} positions; "
               f"{'exactly' if exact else 'NOT'} the computed set)")
         rows.append(dict(check="gradient", layers=24, window=small_w, schedule=schedule, reach=computed,
-                         gradient_reach=measured, gradient_matches_set=exact))
+                         reachable=len(support), gradient_reach=measured, gradient_matches_set=exact))
     return rows
 
 
@@ -123,17 +150,21 @@ def plot_times(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels = [f"{r['backend']}\nd={r['dilation']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    per_head = ["/" in r["dilation"] for r in rows]
+    labels = [f"{r['backend']}\n{'per head' if ph else 'd='}{r['dilation'] if not ph else ''}"
+              for r, ph in zip(rows, per_head)]
     bars = ax.bar(labels, [r["median_s"] for r in rows],
-                  color=["tab:blue" if r["dilation"] == 1 else "tab:orange" for r in rows])
+                  color=["tab:green" if ph else "tab:blue" if r["dilation"] == "1" else "tab:orange"
+                         for r, ph in zip(rows, per_head)])
     for bar, r in zip(bars, rows):
         ax.annotate(f"{r['ratio_vs_d1']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom")
     r0 = rows[0]
+    heads = next((r["dilation"] for r, ph in zip(rows, per_head) if ph), None)
     ax.set_ylabel("forward time, median (s)")
     ax.set_title(f"n={r0['n']}, W={r0['window']}, {r0['heads']} heads x {r0['head_dim']}, fp32, CPU "
-                 f"({r0['threads']} threads)", fontsize=9)
+                 f"({r0['threads']} threads)" + (f"; per head: d={heads}" if heads else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -146,6 +177,8 @@ def main():
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dilations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--head-dilations", type=int, nargs="*", default=[1, 1, 2, 2, 4, 4, 8, 8],
+                        help="one dilation per head, timed as a per-head layer (empty: skip)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--skip-timing", action="store_true")

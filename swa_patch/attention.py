@@ -9,6 +9,7 @@ through the ``swa_keys`` keyword.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -65,9 +66,51 @@ def swa_attention(module, query, key, value, attention_mask, scaling=None, dropo
     dim = query.shape[-1]
     if layout.query_extra is not None:
         query = torch.cat([query, layout.query_extra(query)], dim=-1)
-    backend = choose_backend(plan.backend, query, plan.spec, layout, s_aux is not None)
-    out = BACKEND_MODULES[backend].attend(query, key, value, layout, plan.spec, scaling, softcap, s_aux)
+    if plan.spec.head_dilations is None:
+        out = _attend(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
+    else:
+        out = _attend_head_groups(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
     return out[..., :dim], None
+
+
+def _attend(requested, query, key, value, layout, spec, scaling, softcap, s_aux):
+    backend = choose_backend(requested, query, spec, layout, s_aux is not None)
+    return BACKEND_MODULES[backend].attend(query, key, value, layout, spec, scaling, softcap, s_aux)
+
+
+def _attend_head_groups(requested, query, key, value, layout, spec, scaling, softcap, s_aux):
+    """A per-head dilation: the heads that share a dilation form one uniform call (the same
+    work per head as an undilated layer, on any backend); outputs go back to head order."""
+    outs, order = [], []
+    for group_spec, heads in spec.head_groups(query.shape[1]):
+        q, k, v, group_layout, group_aux = _select_heads(query, key, value, layout, s_aux, heads)
+        outs.append(_attend(requested, q, k, v, group_layout, group_spec, scaling, softcap, group_aux))
+        order += heads
+    out = torch.cat(outs, dim=2)                                  # [B, q, H, D], group order
+    if order != sorted(order):
+        out = out[:, :, torch.argsort(torch.tensor(order, device=out.device))]
+    return out
+
+
+def _select_heads(query, key, value, layout: KeyLayout, s_aux, heads: list[int]):
+    """Query ``heads`` and the key/value heads they read.  Whole GQA groups keep their shared
+    kv heads; a GQA group split across dilations gets one kv head per query head."""
+    per_kv = query.shape[1] // key.shape[1]
+    kv_heads = sorted({h // per_kv for h in heads})
+    if len(heads) != len(kv_heads) * per_kv:                       # a split GQA group
+        kv_heads = [h // per_kv for h in heads]
+    take = lambda x, idx: None if x is None else _take_heads(x, idx)
+    group_layout = dataclasses.replace(layout, sink_k=take(layout.sink_k, kv_heads),
+                                       sink_v=take(layout.sink_v, kv_heads))
+    return (_take_heads(query, heads), _take_heads(key, kv_heads), _take_heads(value, kv_heads),
+            group_layout, None if s_aux is None else s_aux[heads])
+
+
+def _take_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """``x[:, heads]``: a view when the heads are consecutive."""
+    if heads == list(range(heads[0], heads[0] + len(heads))):
+        return x[:, heads[0]:heads[0] + len(heads)]
+    return x.index_select(1, torch.tensor(heads, device=x.device))
 
 
 def contiguous_layout(info: MaskInfo | None, query, key, value, spec: LayerSpec) -> KeyLayout:

@@ -27,6 +27,21 @@ def _check_int(name: str, value, low: int, allow_none: bool = False):
         raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
+def max_dilation(entry) -> int:
+    """An int dilation, or the largest of a per-head list."""
+    return max(entry) if isinstance(entry, (list, tuple)) else entry
+
+
+def _check_head_dilations(layer: int, values, n_heads: int | None):
+    """A per-head dilation entry: ints >= 1, one per query head."""
+    for d in values:
+        _check_int(f"dilation[{layer}] entry", d, 1)
+    if n_heads is not None and len(values) != n_heads:
+        raise ValueError(f"dilation[{layer}] has {len(values)} per-head entries but the model has "
+                         f"{n_heads} attention heads; give one dilation per query head "
+                         f"(num_attention_heads={n_heads})")
+
+
 def _per_layer(name: str, value, n_layers: int | None) -> list | None:
     """A scalar stays a scalar (None); a list must have one entry per layer."""
     if not isinstance(value, (list, tuple)):
@@ -44,7 +59,8 @@ class SWAConfig:
     window: keys each query sees, itself included (``i - W < j <= i``); an int, or one
         entry per layer (``None`` = full attention for that layer).
     sinks: the first ``sinks`` real tokens stay visible to every query (StreamingLLM).
-    dilation: query ``i`` sees ``i - k*d`` for ``k < W``; an int or one per layer.
+    dilation: query ``i`` sees ``i - k*d`` for ``k < W``; an int or one entry per layer, and an
+        entry may be a list with one dilation per query head (``num_attention_heads`` of them).
     full_layers: layer indices that keep full causal attention.
     backend: ``auto`` picks per call and logs its choice; or one of eager/sdpa/flex/flash.
     positions: ``original`` (absolute positions; decoding equals the training band mask) or
@@ -63,7 +79,7 @@ class SWAConfig:
     def __post_init__(self):
         self.validate()
 
-    def validate(self, n_layers: int | None = None) -> "SWAConfig":
+    def validate(self, n_layers: int | None = None, n_heads: int | None = None) -> "SWAConfig":
         if self.schedule is not None:
             from .schedules import SCHEDULES, check_schedule_options  # expanded per model
             if self.schedule not in SCHEDULES:
@@ -76,8 +92,11 @@ class SWAConfig:
             _check_int("window", w, 1, allow_none=windows is not None or self.schedule is not None)
         _check_int("sinks", self.sinks, 0)
         dilations = _per_layer("dilation", self.dilation, n_layers)
-        for d in dilations if dilations is not None else [self.dilation]:
-            _check_int("dilation", d, 1)
+        for layer, d in enumerate(dilations if dilations is not None else [self.dilation]):
+            if dilations is not None and isinstance(d, (list, tuple)):
+                _check_head_dilations(layer, d, n_heads)
+            else:
+                _check_int("dilation", d, 1)
         if self.full_layers is not None:
             if not isinstance(self.full_layers, (list, tuple)):
                 raise TypeError(f"full_layers must be a list of layer indices, got {self.full_layers!r}")
@@ -90,7 +109,7 @@ class SWAConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.positions is not None and self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES} or None, got {self.positions!r}")
-        if self.backend == "flash" and any(d > 1 for d in (dilations or [self.dilation])):
+        if self.backend == "flash" and any(max_dilation(d) > 1 for d in (dilations or [self.dilation])):
             raise ValueError("backend='flash' cannot express dilation > 1 (flash-attn windows are "
                              "contiguous); use backend='sdpa', 'flex' or 'auto'")
         return self
@@ -99,16 +118,21 @@ class SWAConfig:
     def position_mode(self) -> str:
         return self.positions or ("shift" if self.sinks > 0 else "original")
 
-    def layer_specs(self, n_layers: int, native_full: set[int] = frozenset()) -> list[LayerSpec]:
+    def layer_specs(self, n_layers: int, native_full: set[int] = frozenset(),
+                    n_heads: int | None = None) -> list[LayerSpec]:
         """One :class:`LayerSpec` per layer.  Layers the model declares full stay full unless
-        the user gave a per-layer window list (which then says everything)."""
-        self.validate(n_layers)
+        the user gave a per-layer window list (which then says everything).  ``n_heads``
+        (query heads) checks per-head dilations."""
+        self.validate(n_layers, n_heads)
         if self.schedule is not None:
             from .schedules import expand_schedule
             windows, dilations = expand_schedule(self, n_layers)
         else:
             windows = _per_layer("window", self.window, n_layers) or [self.window] * n_layers
             dilations = _per_layer("dilation", self.dilation, n_layers) or [self.dilation] * n_layers
+        if n_heads is None and any(isinstance(d, (list, tuple)) for d in dilations):
+            raise ValueError("dilation has per-head lists, which need the model's num_attention_heads "
+                             "(pass n_heads, or the model or its config)")
         full = set(self.full_layers or ())
         if not isinstance(self.window, (list, tuple)):
             full |= set(native_full)

@@ -2,9 +2,10 @@
 
 Window convention (transformers' ``sliding_window=W``): query ``i`` sees key ``j`` iff
 ``i - W < j <= i``.  With dilation ``d`` it sees ``j = i - k*d`` for ``k = 0 .. W-1``
-(a span of ``(W-1)*d + 1`` positions).  Sinks: keys ``j`` among the first ``S`` real
-tokens of the stream are visible to every later query, undilated.  All indices here are
-*stream indices*: the position of a token in the input stream, pads included.
+(a span of ``(W-1)*d + 1`` positions); a layer may give each query head its own ``d``.
+Sinks: keys ``j`` among the first ``S`` real tokens of the stream are visible to every
+later query, undilated.  All indices here are *stream indices*: the position of a token
+in the input stream, pads included.
 """
 from __future__ import annotations
 
@@ -15,11 +16,39 @@ import torch
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What one attention layer sees.  ``window=None`` means full causal attention."""
+    """What one attention layer sees.  ``window=None`` means full causal attention.
+
+    ``dilation`` is an int, or one int per query head.  Per-head values that differ are kept
+    in ``head_dilations`` and ``dilation`` becomes their maximum, so ``span`` and
+    ``cache_slots`` cover every head; kernels run one uniform spec per group of heads
+    (:meth:`head_groups`), never the per-head spec itself.
+    """
 
     window: int | None
     dilation: int = 1
     sinks: int = 0
+    head_dilations: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        per_head = self.head_dilations
+        if isinstance(self.dilation, (list, tuple)):
+            per_head = self.dilation
+        if per_head is not None:
+            per_head = tuple(per_head)
+            object.__setattr__(self, "dilation", max(per_head))
+            object.__setattr__(self, "head_dilations", per_head if len(set(per_head)) > 1 else None)
+
+    def head_groups(self, n_heads: int) -> list[tuple["LayerSpec", list[int]]]:
+        """``(uniform spec, query heads)`` for each distinct dilation, heads in order."""
+        if self.head_dilations is None:
+            return [(self, list(range(n_heads)))]
+        if len(self.head_dilations) != n_heads:
+            raise ValueError(f"this layer has {len(self.head_dilations)} per-head dilations but the "
+                             f"call has {n_heads} query heads")
+        groups: dict[int, list[int]] = {}
+        for head, d in enumerate(self.head_dilations):
+            groups.setdefault(d, []).append(head)
+        return [(LayerSpec(self.window, d, self.sinks), heads) for d, heads in sorted(groups.items())]
 
     @property
     def span(self) -> int | None:
@@ -34,6 +63,8 @@ class LayerSpec:
 
 def band(i: torch.Tensor, j: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     """True where key ``j`` is in query ``i``'s (dilated) window; broadcasts."""
+    if spec.head_dilations is not None:
+        raise ValueError("a per-head dilation has one band per head: use spec.head_groups()")
     diff = i - j
     inside = diff >= 0
     if spec.window is not None:
@@ -45,12 +76,17 @@ def band(i: torch.Tensor, j: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
 
 def reference_mask(spec: LayerSpec, n: int, attention_mask: torch.Tensor | None = None,
                    device=None) -> torch.Tensor:
-    """Dense boolean mask ``[B, n, n]`` over stream indices for a whole sequence.
+    """Dense boolean mask ``[B, n, n]`` over stream indices for a whole sequence
+    (``[B, H, n, n]`` for a per-head dilation: one mask per query head).
 
     ``attention_mask`` is the usual 2-D ``[B, n]`` padding mask (1 = real token).  A pad
     query sees itself only, so no row is empty.  This is the reference every backend and
     cache is tested against.
     """
+    if spec.head_dilations is not None:
+        per_dilation = {d: reference_mask(LayerSpec(spec.window, d, spec.sinks), n, attention_mask, device)
+                        for d in set(spec.head_dilations)}
+        return torch.stack([per_dilation[d] for d in spec.head_dilations], dim=1)
     real = (torch.ones(1, n, dtype=torch.bool, device=device) if attention_mask is None
             else attention_mask.bool())
     idx = torch.arange(n, device=real.device)

@@ -28,7 +28,7 @@ def patch_model(model, window=None, sinks: int = 0, **options):
     text_config = _check_model(model)
     family = family_of(text_config)
     n_layers = text_config.num_hidden_layers
-    specs = settings.layer_specs(n_layers, native_full_layers(text_config))
+    specs = settings.layer_specs(n_layers, native_full_layers(text_config), text_config.num_attention_heads)
     if settings.positions is None and family.rope == "absolute":
         settings = dataclasses.replace(settings, positions="original")   # nothing to shift
     if settings.position_mode == "shift":

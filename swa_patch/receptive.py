@@ -8,7 +8,8 @@ with d=2 only reaches even distances), so two numbers are reported:
 
 * ``reach``: the span from the oldest reachable input position to the query, the query
   itself included (``q - oldest + 1``).  For a uniform stack of L layers this is
-  ``L*(W-1) + 1``; in general ``sum_l (W_l - 1)*d_l + 1``.
+  ``L*(W-1) + 1``; in general ``sum_l (W_l - 1)*d_l + 1`` (``d_l``: the largest dilation
+  of the layer's heads when each head has its own; the layer reads the union of theirs).
 * ``reachable``: how many positions inside that span are actually reachable (``<= reach``).
 
 Two regimes:
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .config import max_dilation
 from .masks import LayerSpec
 
 
@@ -36,7 +38,7 @@ class LayerReach:
 
     layer: int
     window: int | None      # None: full attention
-    dilation: int
+    dilation: int | tuple     # a tuple: one per query head
     sinks: int
     span: int | None        # this layer alone: (W-1)*d + 1 (None: full)
     reach: int              # oldest reachable input position .. query, query included
@@ -47,17 +49,17 @@ class LayerReach:
         return self.reach - self.reachable
 
 
-def _offsets(spec: LayerSpec) -> int:
-    """Bitset of the distances one layer reads (bit t: query - t)."""
-    bits = 0
-    for k in range(spec.window):
-        bits |= 1 << (k * spec.dilation)
-    return bits
-
-
 def _shift_or(bits: int, spec: LayerSpec, right: bool) -> int:
     """Minkowski sum of ``bits`` with the layer's distances ``{0, d, .., (W-1)*d}``: the OR of
-    ``bits`` shifted by each of them (towards lower bits when ``right``), by doubling."""
+    ``bits`` shifted by each of them (towards lower bits when ``right``), by doubling.  With
+    per-head dilations the layer reads the union of its heads' distances, and the sum
+    distributes over that union."""
+    if spec.head_dilations is not None:
+        out = 0
+        for head_spec in {LayerSpec(spec.window, d) for d in spec.head_dilations}:
+            out |= _shift_or(bits, head_spec, right)
+        return out
+
     def shift(x, t):
         return x >> t if right else x << t
 
@@ -90,7 +92,7 @@ def specs_for(model_or_config, **patch_options) -> list[LayerSpec]:
                         f"{type(model_or_config).__name__}")
     options = dict(patch_options)
     settings = SWAConfig.from_kwargs(options.pop("window", None), options.pop("sinks", 0), options)
-    return settings.layer_specs(n_layers, native_full_layers(config))
+    return settings.layer_specs(n_layers, native_full_layers(config), getattr(config, "num_attention_heads", None))
 
 
 def layer_reach(model_or_config, seq_len: int | None = None, **patch_options) -> list[LayerReach]:
@@ -148,7 +150,8 @@ def reachable_positions(model_or_config, seq_len: int, **patch_options) -> list[
 
 
 def _row(idx, spec, reach, reachable) -> LayerReach:
-    return LayerReach(idx, spec.window, spec.dilation if spec.window is not None else 1,
+    dilation = spec.head_dilations or spec.dilation
+    return LayerReach(idx, spec.window, dilation if spec.window is not None else 1,
                       spec.sinks if spec.window is not None else 0, spec.span, reach, reachable)
 
 
@@ -170,18 +173,25 @@ def receptive_field(model_or_config, seq_len: int | None = None, **patch_options
 # ---- the ``swa-patch receptive-field`` sub-command ------------------------------------------
 
 def _per_layer_arg(name: str, tokens: list[str] | None, allow_full: bool):
-    """``8`` -> 8; ``1x6 2x6`` -> [1]*6 + [2]*6; ``full`` -> None (windows only)."""
+    """``8`` -> 8; ``1x6 2x6`` -> [1]*6 + [2]*6; ``full`` -> None (windows only);
+    ``1,2,4,8`` -> (1, 2, 4, 8), one value per head (dilations only)."""
     if not tokens:
         return None
     values = []
     for token in tokens:
         value, _, times = token.partition("x")
         try:
-            item = None if (allow_full and value == "full") else int(value)
+            if allow_full and value == "full":
+                item = None
+            elif not allow_full and "," in value:
+                item = tuple(int(part) for part in value.split(","))
+            else:
+                item = int(value)
             count = int(times) if times else 1
         except ValueError:
+            heads = "" if allow_full else ", D,D,.. (one per head)"
             raise SystemExit(f"--{name}: cannot read {token!r}; use an int, "
-                             f"{'full, ' if allow_full else ''}or VALUExCOUNT (e.g. 2x6)") from None
+                             f"{'full, ' if allow_full else ''}or VALUExCOUNT (e.g. 2x6){heads}") from None
         values += [item] * count
     return values[0] if len(values) == 1 and len(tokens) == 1 and "x" not in tokens[0] else values
 
@@ -208,11 +218,17 @@ def load_config(model: str, layers: int | None = None):
     raise SystemExit(f"--model {model!r} is neither a path nor a known model_type")
 
 
+def _dilation_text(dilation) -> str:
+    """``4``, or the distinct per-head dilations ``1/2/4/8``."""
+    return str(dilation) if isinstance(dilation, int) else "/".join(map(str, sorted(set(dilation))))
+
+
 def format_table(rows: list[LayerReach]) -> str:
-    head = f"{'layer':>5} {'window':>7} {'dil':>4} {'sinks':>5} {'span':>7} {'reach':>8} {'reachable':>9} {'holes':>7}"
+    width = max(4, *(len(_dilation_text(r.dilation)) for r in rows))
+    head = f"{'layer':>5} {'window':>7} {'dil':>{width}} {'sinks':>5} {'span':>7} {'reach':>8} {'reachable':>9} {'holes':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.layer:>5} {'full' if r.window is None else r.window:>7} {r.dilation:>4} "
+        lines.append(f"{r.layer:>5} {'full' if r.window is None else r.window:>7} {_dilation_text(r.dilation):>{width}} "
                      f"{r.sinks:>5} {'-' if r.span is None else r.span:>7} {r.reach:>8} "
                      f"{r.reachable:>9} {r.holes:>7}")
     return "\n".join(lines)
@@ -242,8 +258,10 @@ def plot_reach(rows: list[LayerReach], path: str, title: str, baseline: list[Lay
 
 def _run_cli(args) -> int:
     config = load_config(args.model, args.layers)
-    options = {"window": _per_layer_arg("window", args.window, True),
-               "dilation": _per_layer_arg("dilation", args.dilation, False) or 1,
+    dilation = _per_layer_arg("dilation", args.dilation, False) or 1
+    if isinstance(dilation, tuple):                  # one per-head pattern for every layer
+        dilation = [dilation] * config.num_hidden_layers
+    options = {"window": _per_layer_arg("window", args.window, True), "dilation": dilation,
                "sinks": args.sinks}
     if args.full_layers:
         options["full_layers"] = args.full_layers
@@ -260,7 +278,7 @@ def _run_cli(args) -> int:
     print(f"receptive field: {last.reach} tokens ({last.reachable} reachable, {last.holes} holes)")
     if args.plot:
         baseline = None
-        if all(r.window is not None for r in rows) and any(r.dilation > 1 for r in rows):
+        if all(r.window is not None for r in rows) and any(max_dilation(r.dilation) > 1 for r in rows):
             undilated = [LayerSpec(r.window, 1, r.sinks) for r in rows]
             baseline = reach_of_specs(undilated, args.seq_len)
         plot_reach(rows, args.plot, f"{config.model_type}: receptive field per layer", baseline)
@@ -274,7 +292,9 @@ def add_cli(subparsers) -> None:
                               "layer (span from the oldest reachable input, itself included).")
     p.add_argument("--model", required=True, help="model folder, config.json, or a model_type (llama, gemma3_text, ...)")
     p.add_argument("--window", nargs="+", help="one window, or per layer (W, full, WxCOUNT)")
-    p.add_argument("--dilation", nargs="+", help="one dilation, or per layer (D or DxCOUNT, e.g. 1x6 2x6 4x6 8x6)")
+    p.add_argument("--dilation", nargs="+", help="one dilation, or per layer (D or DxCOUNT, e.g. 1x6 2x6 4x6 8x6); "
+                   "D,D,.. gives one per attention head, for every layer if it is the only value "
+                   "(e.g. 1,1,2,2,4,4,8,8)")
     p.add_argument("--sinks", type=int, default=0)
     p.add_argument("--full-layers", type=int, nargs="+", help="layer indices kept at full attention")
     p.add_argument("--schedule", help="named schedule (local-to-dilated, small-to-large, local-global)")

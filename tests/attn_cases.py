@@ -6,6 +6,7 @@ import torch
 from swa_patch.attention import MaskInfo, contiguous_layout
 from swa_patch.backends.layout import math_attention
 from swa_patch.masks import LayerSpec, reference_mask
+from tests.models import per_head
 
 
 def random_qkv(b, h, hkv, n, dim, dtype=torch.float32, seed=0, grad=False):
@@ -23,7 +24,7 @@ def left_padding(b, n, seed=0):
 
 def reference(q, k, v, spec: LayerSpec, padding=None, softcap=None, s_aux=None):
     """Eager attention with the explicit reference mask; -> [B, n, H, D]."""
-    mask = reference_mask(spec, q.shape[2], padding)[:, None]
+    mask = per_head(reference_mask(spec, q.shape[2], padding))
     return math_attention(q, k, v, mask, q.shape[-1] ** -0.5, softcap, s_aux).transpose(1, 2)
 
 

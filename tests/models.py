@@ -54,6 +54,11 @@ def attention_layers(model):
             if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)]
 
 
+def per_head(mask: torch.Tensor) -> torch.Tensor:
+    """A reference mask as ``[B, H or 1, q, k]`` (per-head dilations give one per head)."""
+    return mask[:, None] if mask.dim() == 3 else mask
+
+
 @contextlib.contextmanager
 def reference_attention(model, specs, n: int, attention_mask=None):
     """Inside the block the unpatched ``model`` runs eager attention with, in layer i, the
@@ -63,7 +68,7 @@ def reference_attention(model, specs, n: int, attention_mask=None):
     dtype = next(model.parameters()).dtype
     hooks = []
     for module in attention_layers(model):
-        mask = reference_mask(specs[module.layer_idx], n, attention_mask)[:, None]
+        mask = per_head(reference_mask(specs[module.layer_idx], n, attention_mask))
         additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
         hooks.append(module.register_forward_pre_hook(
             lambda mod, args, kwargs, m=additive: (args, {**kwargs, "attention_mask": m}), with_kwargs=True))

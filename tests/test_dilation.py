@@ -21,18 +21,18 @@ from swa_patch.backends.layout import KeyLayout
 from swa_patch.families import native_full_layers
 from swa_patch.masks import LayerSpec, reference_mask
 from swa_patch.patch import layer_specs
-from tests.models import reference_attention, tiny_model
+from tests.models import per_head, reference_attention, tiny_model
 
 
 def dense_reference(q, k, v, spec, attention_mask, scale):
     """Softmax attention of the last ``lq`` stream rows under the reference mask."""
     b, h, lq, _ = q.shape
     n = k.shape[2]
-    mask = reference_mask(spec, n, attention_mask)[:, n - lq:]          # [B, lq, n]
+    mask = per_head(reference_mask(spec, n, attention_mask))[..., n - lq:, :]   # [B, H|1, lq, n]
     groups = h // k.shape[1]
     k, v = k.repeat_interleave(groups, 1).double(), v.repeat_interleave(groups, 1).double()
     scores = (q.double() @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ v).transpose(1, 2).to(q.dtype)         # [B, lq, H, D]
 
 

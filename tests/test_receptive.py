@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from swa_patch import patch_model, receptive_field, unpatch_model
 from swa_patch.masks import LayerSpec, reference_mask
 from swa_patch.receptive import layer_reach, reach_of_specs, reachable_positions
-from tests.models import tiny_model
+from tests.models import per_head, tiny_model
 
 
 def brute_force(specs, n):
@@ -17,7 +17,7 @@ def brute_force(specs, n):
     reach = torch.zeros(n, dtype=torch.bool)
     reach[-1] = True
     for spec in reversed(specs):
-        mask = reference_mask(spec, n)[0]                      # [n, n], row = query
+        mask = per_head(reference_mask(spec, n))[0].any(0)    # [n, n], row = query, any head
         reach = (mask & reach[:, None]).any(0)
     return reach.nonzero().flatten().tolist()
 
