@@ -1,0 +1,305 @@
+"""GPU check in one run: every backend on CUDA against the dense reference, then timings
+side by side (attention, dilation, model prefill).
+
+1. Correctness (printed PASS/FAIL per case, and a non-zero exit on any failure): the eager,
+   sdpa-band and flex backends through the registered attention function, fp32 and bf16,
+   GQA, left padding, sinks, dilation and per-head dilation, against softmax attention under
+   the reference mask in fp32; flex's backward on CUDA against the reference gradients; a
+   patched tiny model (``auto``: flex prefill, sdpa decode) on CUDA against the same model on
+   the CPU (which the test suite checks against the dense reference), logits and greedy
+   generation with the rolling cache.
+2. Attention timings, bf16, batch 1, 32 heads x 128 (no GQA, so dense SDPA takes its flash kernel): dense causal SDPA (torch's
+   flash kernel) vs the flex backend (and the sdpa band at 16k), forward and forward+backward,
+   n = 16k and 32k, W = 512 and 4096; CUDA events, median of interleaved repeats; peak CUDA memory.
+3. Dilation at n=16k, W=512 (flex, forward, 32 heads): d=1 vs d=4 vs per-head (8 heads each at 1/2/4/8).
+4. Model prefill, SmolLM2-135M-shaped random Llama (30 layers), bf16, 16k and 32k tokens:
+   unpatched (sdpa) vs patched W=1024 (``auto``) vs transformers' Mistral ``sliding_window=1024``.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py [--out DIR] [--quick] [--device cpu]
+
+``--quick --device cpu`` is a dry run of every step at toy sizes.  Writes gpu_check.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from swa_patch import make_cache, patch_model, unpatch_model
+from swa_patch.attention import LayerPlan, MaskInfo, swa_attention
+from swa_patch.backends.layout import math_attention
+from swa_patch.masks import LayerSpec, reference_mask
+
+PER_HEAD_8 = (1, 1, 2, 2, 4, 4, 8, 8)
+FAILURES: list[str] = []
+ROWS: list[dict] = []
+
+
+def report(name: str, ok: bool, detail: str = ""):
+    print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}", flush=True)
+    if not ok:
+        FAILURES.append(name)
+
+
+def attend(backend, q, k, v, spec, padding, scale):
+    module = types.SimpleNamespace(_swa_plan=LayerPlan(spec, backend), training=False)
+    return swa_attention(module, q, k, v, MaskInfo(0, padding), scaling=scale)[0]
+
+
+def reference(q, k, v, spec, padding, scale):
+    mask = reference_mask(spec, q.shape[2], padding, device=q.device)
+    mask = mask[:, None] if mask.dim() == 3 else mask
+    return math_attention(q.float(), k.float(), v.float(), mask, scale).transpose(1, 2)
+
+
+def check_attention(dev, quick):
+    n, heads, kv_heads, dim = (300, 8, 2, 32) if quick else (1000, 8, 2, 64)
+    padding = torch.ones(2, n, dtype=torch.bool, device=dev)
+    padding[1, :37] = False
+    real = padding
+    specs = [LayerSpec(128, 1, 0), LayerSpec(128, 1, 4), LayerSpec(64, 4, 2), LayerSpec(64, PER_HEAD_8, 2)]
+    backends = ["eager", "sdpa"] + ([] if dev == "cpu" and quick else ["flex"])
+    for dtype, tol in [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)]:
+        g = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(2, heads, n, dim, device=dev, generator=g).to(dtype)
+        k = torch.randn(2, kv_heads, n, dim, device=dev, generator=g).to(dtype)
+        v = torch.randn(2, kv_heads, n, dim, device=dev, generator=g).to(dtype)
+        for spec in specs:
+            ref = reference(q, k, v, spec, padding, dim ** -0.5)
+            for backend in backends:
+                with torch.no_grad():
+                    out = attend(backend, q, k, v, spec, padding, dim ** -0.5).float()
+                err = (out - ref)[real].abs().max().item()
+                report(f"attention {backend} {str(dtype)[6:]} W={spec.window} d={spec.head_dilations or spec.dilation} "
+                       f"sinks={spec.sinks}", err <= tol, f"max err {err:.2e} (tol {tol:.0e})")
+
+
+def check_backward(dev, quick):
+    if dev == "cpu":
+        print("skip  flex backward (CUDA only)")
+        return
+    n, dim = (512, 32) if quick else (2048, 64)
+    for spec in [LayerSpec(256, 1, 4), LayerSpec(128, 4, 2), LayerSpec(128, PER_HEAD_8, 2)]:
+        g = torch.Generator(device=dev).manual_seed(1)
+        q, k, v = (torch.randn(1, h, n, dim, device=dev, generator=g).requires_grad_() for h in (8, 2, 2))
+        out = attend("flex", q, k, v, spec, None, dim ** -0.5)
+        ref = reference(q, k, v, spec, None, dim ** -0.5)
+        grad_out = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad_out)
+        want = torch.autograd.grad(ref, (q, k, v), grad_out)
+        err = max((a - b).abs().max().item() for a, b in zip(got, want))
+        report(f"flex backward W={spec.window} d={spec.head_dilations or spec.dilation} sinks={spec.sinks}",
+               err <= 2e-3, f"max grad err {err:.2e}")
+
+
+def check_model(dev, quick):
+    from tests.models import tiny_model
+    n = 300 if quick else 2500           # >= 2048 queries: auto runs flex for the prefill on CUDA
+    options = dict(window=64, dilation=[[1, 1, 2, 4], [3, 3, 1, 1]], sinks=4)
+    ids = torch.randint(3, 97, (2, n), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :50] = 0
+    results = {}
+    for device in ("cpu", dev):
+        model = patch_model(tiny_model("llama", head_dim=32).to(device), **options)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+            gen = model.generate(ids[:1, :200].to(device), max_new_tokens=40, do_sample=False,
+                                 cache=make_cache(model)).cpu()
+        results[device] = (logits, gen)
+        unpatch_model(model)
+    err = (results["cpu"][0] - results[dev][0])[mask.bool()].abs().max().item()
+    report(f"model logits {dev} vs cpu (per-head dilation, sinks, padding, n={n})", err <= 2e-3, f"max err {err:.2e}")
+    report(f"greedy generation with the rolling cache {dev} vs cpu",
+           torch.equal(results["cpu"][1], results[dev][1]))
+
+
+# ---- timings ----------------------------------------------------------------------------------
+
+def cuda_time(fn, repeats):
+    """Median milliseconds of ``fn`` (CUDA events; wall clock on the CPU)."""
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mb(fn):
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def attention_calls(dev, n, window, dilation, grad, heads=32, kv_heads=32, dim=128, dtype=torch.bfloat16):
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, heads, n, dim, device=dev, dtype=dtype, generator=g).requires_grad_(grad)
+    k, v = (torch.randn(1, kv_heads, n, dim, device=dev, dtype=dtype, generator=g).requires_grad_(grad) for _ in "kv")
+    spec = LayerSpec(window, dilation)
+    info = MaskInfo(0, None)      # shared across calls: the block mask is built once, as in a model
+
+    def dense():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+
+    def ours(backend):
+        module = types.SimpleNamespace(_swa_plan=LayerPlan(spec, backend), training=False)
+        return lambda: swa_attention(module, q, k, v, info, scaling=dim ** -0.5)[0]
+
+    calls = {"dense_sdpa": dense, "swa_flex": ours("flex"), "swa_sdpa": ours("sdpa")}
+    if grad:
+        return {name: (lambda f=f: f().sum().backward()) for name, f in calls.items()}
+    return {name: (lambda f=f: torch.no_grad()(f)()) for name, f in calls.items()}
+
+
+def time_attention(dev, quick, repeats):
+    lengths = [1024, 2048] if quick else [16384, 32768]
+    windows = [128] if quick else [512, 4096]
+    for window in windows:
+        for n in lengths:
+            for mode in ("fwd",) if dev == "cpu" else ("fwd", "fwd+bwd"):   # flex: no CPU backward
+                calls = attention_calls(dev, n, window, 1, mode == "fwd+bwd", **(
+                    dict(heads=4, kv_heads=2, dim=32) if quick else {}))
+                if n > lengths[0]:
+                    del calls["swa_sdpa"]          # the band kernel is not auto's choice on CUDA
+                for fn in calls.values():
+                    fn()                                               # warm-up: compile, block mask
+                times = {name: [] for name in calls}
+                for _ in range(repeats):
+                    for name, fn in calls.items():
+                        times[name].append(cuda_time(fn, 1))
+                base = statistics.median(times["dense_sdpa"])
+                for name, fn in calls.items():
+                    ms = statistics.median(times[name])
+                    ROWS.append(dict(section="attention", mode=mode, method=name, n=n, window=window, dilation=1,
+                                     dtype="bfloat16", ms=round(ms, 3), speedup_vs_dense=round(base / ms, 2),
+                                     peak_mb=round(peak_mb(fn), 1)))
+                    print(f"attention {mode:7s} n={n:6d} W={window:4d} {name:10s} {ms:9.2f} ms  "
+                          f"{base / ms:6.2f}x dense  peak {ROWS[-1]['peak_mb']} MB", flush=True)
+                del calls
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+
+def time_dilation(dev, quick, repeats):
+    n, window = (2048, 64) if quick else (16384, 512)
+    shape = dict(heads=8, kv_heads=8, dim=32) if quick else {}
+    heads = 8 if quick else 32
+    per_head = tuple(sorted(PER_HEAD_8 * (heads // 8)))        # consecutive heads share a dilation
+    settings = {"1": 1, "4": 4, f"per-head 1/2/4/8 x {heads // 4}": per_head}
+    calls = {label: attention_calls(dev, n, window, d, False, **shape)["swa_flex"] for label, d in settings.items()}
+    for fn in calls.values():
+        fn()
+    times = {label: [] for label in calls}
+    for _ in range(repeats):
+        for label, fn in calls.items():
+            times[label].append(cuda_time(fn, 1))
+    base = statistics.median(times["1"])
+    for label in calls:
+        ms = statistics.median(times[label])
+        ROWS.append(dict(section="dilation", mode="fwd", method="swa_flex", n=n, window=window, dilation=label,
+                         dtype="bfloat16", ms=round(ms, 3), speedup_vs_dense="", ratio_vs_d1=round(ms / base, 3)))
+        print(f"dilation flex n={n} W={window} d={label}: {ms:.2f} ms, {ms / base:.2f}x d=1", flush=True)
+
+
+def time_model(dev, quick, repeats):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    shape = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=65536, tie_word_embeddings=True)
+    if quick:
+        shape.update(num_hidden_layers=2, vocab_size=1000)
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    torch.manual_seed(0)
+    llama = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **shape), attn_implementation="sdpa",
+                                             dtype=dtype).to(dev).eval()
+    mistral = AutoModelForCausalLM.from_config(AutoConfig.for_model("mistral", sliding_window=1024, **shape),
+                                               attn_implementation="sdpa", dtype=dtype).to(dev).eval()
+    mistral.load_state_dict(llama.state_dict())
+    for n in ([2048] if quick else [16384, 32768]):
+        ids = torch.randint(0, shape["vocab_size"], (1, n), device=dev)
+
+        def prefill(model):
+            with torch.no_grad():
+                model(ids, use_cache=False, logits_to_keep=1)
+
+        def run(method):
+            if method == "swa_auto":
+                patch_model(llama, window=1024)
+            try:
+                return cuda_time(lambda: prefill(mistral if method == "hf_sliding_mask" else llama), 1)
+            finally:
+                unpatch_model(llama)
+
+        methods = ["dense_sdpa", "hf_sliding_mask", "swa_auto"]
+        for method in methods:
+            run(method)                                                # warm-up
+        times = {m: [] for m in methods}
+        for _ in range(repeats):
+            for method in methods:
+                times[method].append(run(method))
+        base = statistics.median(times["dense_sdpa"])
+        for method in methods:
+            ms = statistics.median(times[method])
+            ROWS.append(dict(section="model_prefill", mode="fwd", method=method, n=n, window=1024, dilation=1,
+                             dtype=str(dtype)[6:], ms=round(ms, 2), speedup_vs_dense=round(base / ms, 2)))
+            print(f"model prefill n={n} {method:16s} {ms:9.1f} ms  {base / ms:5.2f}x unpatched", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="toy sizes (a dry run)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--steps", nargs="+", default=["attention", "backward", "model", "time_attention",
+                                                       "time_dilation", "time_model"])
+    args = parser.parse_args()
+    dev = args.device
+    if dev == "cuda":
+        print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    import transformers
+    print("transformers", transformers.__version__, flush=True)
+    steps = {"attention": check_attention, "backward": check_backward, "model": check_model}
+    for name in args.steps:
+        t0 = time.time()
+        try:
+            if name in steps:
+                steps[name](dev, args.quick)
+            else:
+                globals()[name](dev, args.quick, args.repeats)
+        except Exception as err:          # keep going: one broken step must not hide the others
+            report(f"step {name} raised", False, f"{type(err).__name__}: {err}")
+        print(f"-- {name}: {time.time() - t0:.0f} s", flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        if ROWS:
+            with open(args.out / "gpu_check.csv", "w", newline="") as fh:
+                fields = list(dict.fromkeys(key for row in ROWS for key in row))
+                writer = csv.DictWriter(fh, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(ROWS)
+    print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all checks passed")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
