@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import BACKEND_MODULES, flash_available
+from .backends.flex import FlexCompileLimit
 from .backends.layout import KeyLayout
 from .masks import LayerSpec, first_real_index
 
@@ -75,7 +76,15 @@ def swa_attention(module, query, key, value, attention_mask, scaling=None, dropo
 
 def _attend(requested, query, key, value, layout, spec, scaling, softcap, s_aux):
     backend = choose_backend(requested, query, spec, layout, s_aux is not None)
-    return BACKEND_MODULES[backend].attend(query, key, value, layout, spec, scaling, softcap, s_aux)
+    try:
+        return BACKEND_MODULES[backend].attend(query, key, value, layout, spec, scaling, softcap, s_aux)
+    except FlexCompileLimit as err:
+        if requested != "auto":
+            raise
+        if "flex-limit" not in _logged:
+            _logged.add("flex-limit")
+            logger.warning("swa_patch: %s; backend='auto' runs 'sdpa' for such calls from now on", err)
+        return BACKEND_MODULES["sdpa"].attend(query, key, value, layout, spec, scaling, softcap, s_aux)
 
 
 def _attend_head_groups(requested, query, key, value, layout, spec, scaling, softcap, s_aux):

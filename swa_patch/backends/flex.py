@@ -18,11 +18,36 @@ from .layout import KeyLayout
 
 
 BLOCK_SIZE = {"cpu": 64, "cuda": 128}   # 64 wastes less of a band on CPU (measured)
+# Each new query/key length, dtype, head count or mask kind is a recompile.  Dynamo's default
+# limit (8) is reached by an ordinary mix of prefill lengths, and past it dynamo runs
+# flex_attention *eagerly*, which materialises the whole score matrix: dense memory, the
+# silent fallback this package must never make (seen on an H200: 106 GB for one 16k call).
+# So: the limit is raised for these calls and reaching it raises FlexCompileLimit instead;
+# on CUDA lengths compile dynamic after the first (automatic dynamic shapes); the CPU code
+# generator fails on dynamic flex kernels (torch 2.13), so there every length compiles anew.
+RECOMPILE_LIMIT = 64
+
+
+class FlexCompileLimit(RuntimeError):
+    """torch.compile has no room for another flex variant; running eagerly would be dense."""
 
 
 @functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+def _compiled(fn, device_type: str):
+    return torch.compile(fn, dynamic=None if device_type == "cuda" else False)
+
+
+def _run_compiled(fn, device_type: str, *args, **kwargs):
+    settings = {"recompile_limit": RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True}
+    try:
+        with torch._dynamo.config.patch(settings):
+            return _compiled(fn, device_type)(*args, **kwargs)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+        raise FlexCompileLimit(
+            f"backend='flex': torch.compile reached its limit of {RECOMPILE_LIMIT} compiled variants of "
+            f"{fn.__name__} in this process (on CPU each new sequence length is one); swa_patch refuses "
+            "dynamo's eager fallback, which materialises the full score matrix. Use backend='sdpa' "
+            "(block-sparse at any length) or backend='auto', which switches to it") from err
 
 
 def _residue_order(start: int, length: int, d: int, device) -> torch.Tensor:
@@ -74,16 +99,16 @@ def attend(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap=None, s_a
     block_mask = None if layout.memo is None else layout.memo.get(memo_key)
     if block_mask is None:
         mask_mod = _mask_mod(spec, q_pos, k_pos, real, layout, n_s)
-        block_mask = create_block_mask(mask_mod, b if (real is not None or n_s) else None, None, lq,
-                                       n_s + lk, device=dev, BLOCK_SIZE=BLOCK_SIZE[dev.type], _compile=True)
+        block_mask = _run_compiled(create_block_mask, dev.type, mask_mod, b if (real is not None or n_s) else None,
+                                   None, lq, n_s + lk, device=dev, BLOCK_SIZE=BLOCK_SIZE[dev.type])
         if layout.memo is not None:
             layout.memo[memo_key] = block_mask
     score_mod = None
     if softcap:
         def score_mod(score, b_, h_, qi, kj):
             return torch.tanh(score / softcap) * softcap
-    result = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                              enable_gqa=q.shape[1] != k.shape[1], return_lse=s_aux is not None)
+    result = _run_compiled(flex_attention, dev.type, q, k, v, score_mod=score_mod, block_mask=block_mask,
+                           scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_lse=s_aux is not None)
     out = result
     if s_aux is not None:   # one extra softmax column per head, value zero
         out, lse = result
