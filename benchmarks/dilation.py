@@ -22,13 +22,12 @@ import argparse
 import csv
 import statistics
 import time
-import types
 from pathlib import Path
 
 import torch
 
 from swa_patch import patch_model, receptive_field, unpatch_model
-from swa_patch.attention import LayerPlan, MaskInfo, swa_attention
+from swa_patch.attention import LayerPlan, MaskInfo, run_plan
 from swa_patch.masks import LayerSpec
 from swa_patch.receptive import layer_reach, plot_reach, reachable_positions
 
@@ -52,8 +51,7 @@ def time_attention(args):
         for d in settings:
             spec = LayerSpec(args.window, d, 0)
             info = MaskInfo(0, None)
-            module = types.SimpleNamespace(_swa_plan=LayerPlan(spec, name), training=False)
-            calls[d] = (lambda m=module, i=info: swa_attention(m, q, k, v, i, scaling=scale))
+            calls[d] = (lambda plan=LayerPlan(spec, name), i=info: run_plan(plan, q, k, v, i, scaling=scale))
             with torch.no_grad():
                 calls[d]()                                    # warm-up: compile, block masks
             blocks_of = {key[1]: int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())

@@ -52,13 +52,19 @@ def swa_attention(module, query, key, value, attention_mask, scaling=None, dropo
                   softcap=None, s_aux=None, swa_keys: KeyLayout | None = None, **kwargs):
     """query ``[B, H, q, D]``, key/value ``[B, Hkv, kv, D]`` (rotated, cache included)
     -> (``[B, q, H, D]``, None)."""
-    plan: LayerPlan = module._swa_plan
-    if isinstance(attention_mask, torch.Tensor):
-        raise ValueError("swa_patch builds its own masks; a prepared 4-D attention_mask cannot be "
-                         "combined with the sliding window. Pass a 2-D padding mask instead.")
     if dropout and module.training:
         raise ValueError(f"attention dropout ({dropout}) is not supported by swa_patch; set "
                          "config.attention_dropout = 0.0")
+    return run_plan(module._swa_plan, query, key, value, attention_mask, scaling, softcap, s_aux, swa_keys), None
+
+
+def run_plan(plan: LayerPlan, query, key, value, attention_mask: MaskInfo | None, scaling=None, softcap=None,
+             s_aux=None, swa_keys: KeyLayout | None = None) -> torch.Tensor:
+    """One layer's attention under ``plan``, as :func:`swa_attention` runs it (also the way to
+    call it outside a model); -> ``[B, q, H, D]``."""
+    if isinstance(attention_mask, torch.Tensor):
+        raise ValueError("swa_patch builds its own masks; a prepared 4-D attention_mask cannot be "
+                         "combined with the sliding window. Pass a 2-D padding mask instead.")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if swa_keys is not None and not isinstance(swa_keys, KeyLayout):
         swa_keys = swa_keys.resolve()   # from a cache whose update() got no kwargs (GPT-NeoX)
@@ -71,7 +77,7 @@ def swa_attention(module, query, key, value, attention_mask, scaling=None, dropo
         out = _attend(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
     else:
         out = _attend_head_groups(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
-    return out[..., :dim], None
+    return out[..., :dim]
 
 
 def _attend(requested, query, key, value, layout, spec, scaling, softcap, s_aux):

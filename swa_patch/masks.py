@@ -9,6 +9,7 @@ in the input stream, pads included.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ class LayerSpec:
             object.__setattr__(self, "dilation", max(per_head))
             object.__setattr__(self, "head_dilations", per_head if len(set(per_head)) > 1 else None)
 
+    @functools.cache     # called per layer per call (decode steps too); specs are few and frozen
     def head_groups(self, n_heads: int) -> list[tuple["LayerSpec", list[int]]]:
         """``(uniform spec, query heads)`` for each distinct dilation, heads in order."""
         if self.head_dilations is None:

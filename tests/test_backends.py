@@ -80,18 +80,16 @@ def test_flex_never_falls_back_to_eager_when_compiles_run_out(monkeypatch, caplo
     """Past dynamo's recompile limit, flex_attention would run eagerly (the full score matrix):
     backend='flex' raises instead, and 'auto' logs and runs the sdpa band kernel."""
     import logging
-    import types
 
-    from swa_patch.attention import LayerPlan, MaskInfo, swa_attention
+    from swa_patch.attention import LayerPlan, MaskInfo, run_plan
 
     monkeypatch.setattr(flex, "RECOMPILE_LIMIT", 0)        # no room for any new variant
     spec = LayerSpec(16, 1, 2)
     q, k, v = random_qkv(1, 2, 2, 2049, 8, seed=5)          # a length no other test compiles
     with pytest.raises(flex.FlexCompileLimit, match="backend='sdpa'"), torch.no_grad():
         run_backend(flex, q, k, v, spec)
-    module = types.SimpleNamespace(_swa_plan=LayerPlan(spec, "auto"), training=False)
     with caplog.at_level(logging.WARNING, logger="swa_patch"), torch.no_grad():
-        out, _ = swa_attention(module, q, k, v, MaskInfo(0, None), scaling=8 ** -0.5)
+        out = run_plan(LayerPlan(spec, "auto"), q, k, v, MaskInfo(0, None), scaling=8 ** -0.5)
     assert "runs 'sdpa'" in caplog.text
     assert_close_valid(out, reference(q, k, v, spec), None, atol=2e-5)
 

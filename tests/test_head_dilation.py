@@ -7,15 +7,13 @@ checkpoints, and the receptive field (brute force and gradients).
 """
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import swa_patch
 from swa_patch import SWAConfig, make_cache, patch_model, receptive_field, unpatch_model
-from swa_patch.attention import LayerPlan, MaskInfo, _select_heads, contiguous_layout, swa_attention
+from swa_patch.attention import LayerPlan, MaskInfo, _select_heads, contiguous_layout, run_plan
 from swa_patch.backends.layout import KeyLayout
 from swa_patch.masks import LayerSpec, band, reference_mask
 from swa_patch.patch import layer_specs
@@ -28,10 +26,8 @@ from tests.test_receptive import GRAD_MODEL, brute_force, gradient_support
 def attend(backend, q, k, v, spec, attention_mask, scale):
     """The registered attention function, as a patched layer calls it."""
     n, lq = k.shape[2], q.shape[2]
-    module = types.SimpleNamespace(_swa_plan=LayerPlan(spec, backend), training=False)
     info = MaskInfo(n - lq, None if attention_mask is None else attention_mask.bool())
-    out, _ = swa_attention(module, q, k, v, info, scaling=scale)
-    return out
+    return run_plan(LayerPlan(spec, backend), q, k, v, info, scaling=scale)
 
 
 # ---- the spec ----------------------------------------------------------------------------
