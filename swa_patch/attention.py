@@ -32,6 +32,14 @@ class MaskInfo:
     q_offset: int
     padding: torch.Tensor | None   # [B, past + q] bool (1 = real token), None if no padding
     memo: dict = field(default_factory=dict)   # per-forward work shared by layers (block masks)
+    full_from: torch.Tensor | None = None      # [B] prompt boundary of decode_full layers (see
+                                               # masks.LayerSpec); None: the last query
+
+
+# The prompt boundary of the forward in progress, set by the patched model's top-level hook
+# (swa_patch.generation) from ``prompt_lengths`` or ``labels``; a stack, as forwards may nest.
+# The mask builder copies it into MaskInfo, which gradient checkpointing keeps for the recompute.
+_boundaries: list = []
 
 
 def mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -39,7 +47,7 @@ def mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     padding = None
     if attention_mask is not None and not bool(attention_mask.all()):
         padding = attention_mask.bool()
-    return MaskInfo(int(q_offset), padding)
+    return MaskInfo(int(q_offset), padding, full_from=_boundaries[-1] if _boundaries else None)
 
 
 @dataclass(frozen=True)
@@ -73,11 +81,80 @@ def run_plan(plan: LayerPlan, query, key, value, attention_mask: MaskInfo | None
     dim = query.shape[-1]
     if layout.query_extra is not None:
         query = torch.cat([query, layout.query_extra(query)], dim=-1)
-    if plan.spec.head_dilations is None:
-        out = _attend(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
+    if plan.spec.decode_full and plan.backend != "eager":     # eager applies the predicate as it is
+        out = _attend_decode_full(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
     else:
-        out = _attend_head_groups(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
+        out = _attend_spec(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
     return out[..., :dim]
+
+
+def _attend_spec(requested, query, key, value, layout, spec, scaling, softcap, s_aux):
+    if spec.head_dilations is None:
+        return _attend(requested, query, key, value, layout, spec, scaling, softcap, s_aux)
+    return _attend_head_groups(requested, query, key, value, layout, spec, scaling, softcap, s_aux)
+
+
+def _attend_decode_full(requested, query, key, value, layout: KeyLayout, spec, scaling, softcap, s_aux):
+    """A decode_full layer: in each row the queries before its boundary attend the window
+    (block-sparse, like any window layer) and the queries from it on attend every earlier
+    key (full causal; the sinks are among those keys).  Rows that share a boundary run
+    together, so a batch costs two kernel calls per distinct boundary."""
+    lq = query.shape[2]
+    cuts = _boundary_cuts(layout, query.shape[0], lq)
+    rows_by_cut: dict[int, list[int]] = {}
+    for row, cut in enumerate(cuts):
+        rows_by_cut.setdefault(cut, []).append(row)
+    if len(rows_by_cut) == 1:
+        return _split_at(requested, query, key, value, layout, spec, cuts[0], scaling, softcap, s_aux)
+    out = query.new_empty(query.shape[0], lq, query.shape[1], value.shape[-1])
+    for cut, rows in rows_by_cut.items():
+        idx = torch.tensor(rows, device=query.device)
+        sub = _layout_rows(layout, idx, rows)
+        out[idx] = _split_at(requested, query[idx], key[idx], value[idx], sub, spec, cut, scaling, softcap, s_aux)
+    return out
+
+
+def _boundary_cuts(layout: KeyLayout, batch: int, lq: int) -> list[int]:
+    """Per row, the local index of the first query that attends fully (``lq``: none); computed
+    once per forward for all layers (one host sync)."""
+    memo_key = ("cuts", layout.q_start, lq)
+    if layout.memo is not None and memo_key in layout.memo:
+        return layout.memo[memo_key]
+    if layout.full_from is None:
+        raise ValueError("a decode_full layer needs the prompt boundary (KeyLayout.full_from)")
+    cuts = (layout.full_from - layout.q_start).clamp(0, lq).expand(batch).tolist()
+    if layout.memo is not None:
+        layout.memo[memo_key] = cuts
+    return cuts
+
+
+def _layout_rows(layout: KeyLayout, idx: torch.Tensor, rows: list[int]) -> KeyLayout:
+    """The layout of batch rows ``idx``; masks built for them are memoised apart from the
+    other rows' (the memo keys do not name rows)."""
+    take = lambda x: None if x is None else x[idx]
+    memo = None if layout.memo is None else layout.memo.setdefault(("rows", tuple(rows)), {})
+    return dataclasses.replace(layout, key_real=take(layout.key_real), sink_k=take(layout.sink_k),
+                               sink_v=take(layout.sink_v), sink_index=take(layout.sink_index),
+                               sink_valid=take(layout.sink_valid), full_from=None, memo=memo)
+
+
+def _split_at(requested, query, key, value, layout: KeyLayout, spec, cut, scaling, softcap, s_aux):
+    """Queries ``[:cut]`` through the window, ``[cut:]`` through full causal attention."""
+    lq, parts = query.shape[2], []
+    if cut > 0:      # keys end at the last windowed query, as every kernel expects
+        end = layout.q_start + cut - layout.k_start
+        window_layout = dataclasses.replace(layout, full_from=None,
+                                            key_real=None if layout.key_real is None else layout.key_real[:, :end])
+        parts.append(_attend_spec(requested, query[:, :, :cut], key[:, :, :end], value[:, :, :end],
+                                  window_layout, spec.windowed(), scaling, softcap, s_aux))
+    if cut < lq:
+        if layout.k_start > 0:
+            raise RuntimeError(f"a decode_full layer attends every earlier key, but the keys start at "
+                               f"position {layout.k_start}: use swa_patch.make_cache(model)")
+        full_layout = KeyLayout(layout.q_start + cut, 0, layout.key_real, memo=layout.memo)
+        parts.append(_attend(requested, query[:, :, cut:], key, value, full_layout, LayerSpec(None),
+                             scaling, softcap, s_aux))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _attend(requested, query, key, value, layout, spec, scaling, softcap, s_aux):
@@ -131,7 +208,7 @@ def _take_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
 def contiguous_layout(info: MaskInfo | None, query, key, value, spec: LayerSpec) -> KeyLayout:
     """Layout of keys that a plain forward or a transformers cache returns: one contiguous
     block ending at the last query.  Sinks are gathered from that block."""
-    b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+    lq, lk = query.shape[2], key.shape[2]
     q_start = lk - lq if info is None else info.q_offset
     k_start = q_start + lq - lk
     if k_start < 0:
@@ -143,25 +220,36 @@ def contiguous_layout(info: MaskInfo | None, query, key, value, spec: LayerSpec)
         raise ValueError(f"attention_mask covers {padding.shape[1]} tokens but the stream has "
                          f"{q_start + lq}; pass the mask of every token seen so far")
     key_real = None if padding is None else padding[:, k_start:k_start + lk]
-    oldest_needed = 0 if spec.window is None else max(0, q_start - spec.span + 1)
+    oldest_needed = 0 if spec.window is None or spec.decode_full else max(0, q_start - spec.span + 1)
     if k_start > oldest_needed:
-        raise RuntimeError(f"the cache kept keys from position {k_start} on, but this layer's window "
-                           f"needs them from {oldest_needed}: use swa_patch.make_cache(model)")
+        raise RuntimeError(f"the cache kept keys from position {k_start} on, but this layer's "
+                           f"{'decode_full attention' if spec.decode_full else 'window'} needs them from "
+                           f"{oldest_needed}: use swa_patch.make_cache(model)")
     layout = KeyLayout(q_start, k_start, key_real, memo=None if info is None else info.memo)
+    if spec.decode_full:
+        full_from = None if info is None else info.full_from
+        layout.full_from = (torch.full((1,), q_start + lq - 1, device=key.device) if full_from is None
+                            else full_from.to(key.device))
     if spec.window is None or not spec.sinks:
         return layout
-    first = (torch.zeros(b, dtype=torch.long, device=key.device) if padding is None
+    first = (torch.zeros(query.shape[0], dtype=torch.long, device=key.device) if padding is None
              else first_real_index(padding))
     index = first[:, None] + torch.arange(spec.sinks, device=key.device)
-    exists = index < q_start + lq
-    if bool((exists & (index < k_start)).any()):
+    if bool(((index < q_start + lq) & (index < k_start)).any()):
         raise RuntimeError("the cache dropped the attention-sink tokens: use swa_patch.make_cache(model)")
-    local = (index - k_start).clamp(0, lk - 1)
-    valid = exists if key_real is None else exists & key_real.gather(1, local)
-    gather = local[:, None, :, None].expand(b, key.shape[1], spec.sinks, key.shape[3])
+    gather_sinks(layout, key, value, index, index < q_start + lq)
+    return layout
+
+
+def gather_sinks(layout: KeyLayout, key, value, index: torch.Tensor, exists: torch.Tensor) -> None:
+    """Fill the layout's sink slots with copies of the contiguous keys at stream ``index``
+    ``[B, S]`` (``exists``: the token has been seen; a pad is never a valid sink)."""
+    b, s = index.shape
+    local = (index - layout.k_start).clamp(0, key.shape[2] - 1)
+    valid = exists if layout.key_real is None else exists & layout.key_real.gather(1, local)
+    gather = local[:, None, :, None].expand(b, key.shape[1], s, key.shape[3])
     layout.sink_k, layout.sink_v = key.gather(2, gather), value.gather(2, gather)
     layout.sink_index, layout.sink_valid = index, valid
-    return layout
 
 
 _logged: set = set()

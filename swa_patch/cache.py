@@ -10,8 +10,12 @@
 A single-token step returns the buffer itself with a :class:`KeyLayout` whose ``key_index``
 says which stream index each slot holds (no copy); a multi-token chunk returns its keys in
 stream order (the previous ``span - 1`` tokens, then the chunk) and keeps the last ``span``.
-A full-attention layer grows like transformers' ``DynamicLayer``.  The layout reaches the
-attention function through the ``kwargs`` dict the model passes to ``cache.update``.
+A full-attention layer grows like transformers' ``DynamicLayer``; so does a ``decode_full``
+layer (``patch_model(..., decode="full")``), whose answer queries attend every earlier key:
+its prompt queries still attend only their window (plus sinks gathered from the kept keys),
+and the cache records each row's prompt boundary (``full_from``) once, so chunking never
+moves it.  The layout reaches the attention function through the ``kwargs`` dict the model
+passes to ``cache.update``.
 
 Position mode ``shift`` (StreamingLLM): every key in the window keeps its true offset
 ``i - j`` (< span) to the query, and a sink ``k`` (the k-th real token) that is outside the
@@ -32,11 +36,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 
+from .attention import gather_sinks
 from .backends.layout import KeyLayout
 from .masks import LayerSpec
-from .rope import LayerRope, model_ropes, rotate
-
-MAKE_CACHE_OPTIONS = ("positions",)
+from .rope import LayerRope, rotate
 
 
 @dataclass
@@ -73,14 +76,19 @@ class SWACache(Cache):
             raise ValueError(f"positions must be 'original' or 'shift', got {positions!r}")
         if positions == "shift" and (ropes is None or len(ropes) != len(specs)):
             raise ValueError("positions='shift' needs ropes: one LayerRope per layer")
-        layers = [SlidingLayer(self, i, s) if s.window is not None else FullLayer(self, i)
-                  for i, s in enumerate(specs)]
+        decode_full = [i for i, s in enumerate(specs) if s.decode_full]
+        if positions == "shift" and decode_full:
+            raise ValueError(f"layers {decode_full} decode fully (decode='full'): their cache keeps every key "
+                             "at its original position; positions='shift' cannot apply, use 'original'")
+        layers = [SlidingLayer(self, i, s) if s.window is not None and not s.decode_full
+                  else FullLayer(self, i, s) for i, s in enumerate(specs)]
         super().__init__(layers=layers)
         self.specs, self.position_mode, self.ropes = list(specs), positions, ropes
         spans = [s.span for s in specs if s.window is not None]
         self.keep = max((s.sinks for s in specs), default=0) + max(spans, default=1)
         self.base = 0                      # frame origin (shift mode)
         self.first_real: torch.Tensor | None = None   # [B] first real stream index, -1 if none
+        self.full_from: torch.Tensor | None = None   # [B] or [1] prompt boundary of decode_full layers
         self._step: _Step | None = None
         self._layouts: dict[int, KeyLayout] = {}
 
@@ -107,6 +115,25 @@ class SWACache(Cache):
             positions = torch.arange(start - self.base, start - self.base + q_len, device=device)
         self._step = _Step(start, q_len, real, positions)
         return None if positions is None else positions[None].expand(batch_size, q_len)
+
+    def record_boundary(self, full_from: torch.Tensor) -> None:
+        """Record each row's prompt boundary (``[B]`` or ``[1]``: the stream index of the first
+        query that attends every earlier key in decode_full layers).  Recorded once: a later
+        different boundary is an error, so chunking can never move it."""
+        full_from = torch.as_tensor(full_from).reshape(-1)
+        if self.full_from is None:
+            self.full_from = full_from
+        elif self.full_from.shape != full_from.shape or not torch.equal(self.full_from.cpu(), full_from.cpu()):
+            raise ValueError(f"this cache already records the prompt boundary at {self.full_from.tolist()} "
+                             f"(prompt_lengths {(self.full_from + 1).tolist()}); got "
+                             f"{(full_from + 1).tolist()}: use a fresh cache for a new prompt")
+
+    def boundary(self, step: "_Step", device) -> torch.Tensor:
+        """The recorded boundary; a stream fed without one has the end of its first forward as
+        the prompt end (what ``generate`` does: the prompt, then one token per step)."""
+        if self.full_from is None:
+            self.full_from = torch.tensor([step.start + step.length - 1])
+        return self.full_from.to(device)
 
     def _note_first_real(self, start, q_len, real, batch_size, device):
         if self.first_real is None:
@@ -147,7 +174,7 @@ class SWACache(Cache):
 
     def reset(self):
         super().reset()
-        self.base, self.first_real, self._step = 0, None, None
+        self.base, self.first_real, self.full_from, self._step = 0, None, None, None
         self._layouts.clear()
 
     def _batch_op(self, fn) -> None:
@@ -155,6 +182,8 @@ class SWACache(Cache):
             layer.map_batch(fn)
         if self.first_real is not None:
             self.first_real = fn(self.first_real)
+        if self.full_from is not None and self.full_from.numel() > 1:
+            self.full_from = fn(self.full_from)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         self._batch_op(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -245,8 +274,14 @@ class _SWALayer(CacheLayerMixin):
 
 
 class FullLayer(_SWALayer):
-    """Full causal attention: keys ``[B, Hkv, N, D]`` grow; ``key_real`` ``[B, N]``."""
+    """Every key kept: keys ``[B, Hkv, N, D]`` grow; ``key_real`` ``[B, N]``.  Full causal
+    attention, or a decode_full window layer (``spec``): prompt queries attend their window
+    and the sinks, queries from the row's boundary on attend every key."""
     is_sliding = False
+
+    def __init__(self, owner: SWACache, layer_idx: int, spec: LayerSpec):
+        super().__init__(owner, layer_idx)
+        self.spec = spec
 
     def lazy_initialization(self, key_states, value_states):
         b, h, _, d = key_states.shape
@@ -265,7 +300,15 @@ class FullLayer(_SWALayer):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.key_real = torch.cat([self.key_real, real], dim=1)
-        self.owner.publish(self.layer_idx, KeyLayout(self.seen, 0, self.key_real, memo=step.memo), kwargs)
+        layout = KeyLayout(self.seen, 0, self.key_real, memo=step.memo)
+        if self.spec.decode_full:
+            layout.full_from = self.owner.boundary(step, key_states.device)
+            if self.spec.sinks:
+                first = self.owner.first_real
+                index = first[:, None] + torch.arange(self.spec.sinks, device=first.device)
+                gather_sinks(layout, self.keys, self.values, index,
+                             (first[:, None] >= 0) & (index < self.seen + q))
+        self.owner.publish(self.layer_idx, layout, kwargs)
         self.seen += q
         return self.keys, self.values
 
@@ -434,92 +477,3 @@ def _sink_query(positions: torch.Tensor, rope: LayerRope):
     ``R(-p) q`` so that ``[q, R(-p) q] . [0, R(-offset_k) sink_k]`` scores each sink at offset_k
     from every query, while ``[q, R(-p) q] . [k, 0]`` keeps the window scores."""
     return lambda query: rotate(query, -positions, rope)
-
-
-# ---- make_cache and the generation hooks ---------------------------------------------------
-def make_cache(model, **options) -> SWACache:
-    """A fresh :class:`SWACache` for a model patched by :func:`swa_patch.patch_model`.
-
-    Options: ``positions`` ("original" | "shift"; default: the patch settings' mode).
-    """
-    from .patch import layer_specs, patch_settings
-    unknown = sorted(set(options) - set(MAKE_CACHE_OPTIONS))
-    if unknown:
-        raise TypeError(f"make_cache got unknown option(s) {unknown}; allowed: {list(MAKE_CACHE_OPTIONS)}")
-    settings = patch_settings(model)
-    if settings is None:
-        raise ValueError("make_cache(model) needs a model patched by swa_patch.patch_model")
-    positions = options.get("positions") or settings.position_mode
-    if positions not in ("original", "shift"):
-        raise ValueError(f"positions must be 'original' or 'shift', got {positions!r}")
-    specs = layer_specs(model)
-    ropes = model_ropes(model, len(specs)) if positions == "shift" else None
-    return SWACache(specs, positions, ropes)
-
-
-_CACHE_NAMES = ("cache", "past_key_values", "layer_past")
-
-
-def _find_cache(kwargs: dict):
-    for name in _CACHE_NAMES:
-        if kwargs.get(name) is not None:
-            return name, kwargs[name]
-    return None, None
-
-
-def _swap_default_cache(model):
-    """Top-level pre-hook: the empty DynamicCache that ``generate()`` creates by itself is
-    replaced by an SWACache (a cache the user passed is kept).  A DynamicCache object seen
-    again maps to the same SWACache."""
-    def hook(module, args, kwargs):
-        name, cache = _find_cache(kwargs)
-        if isinstance(cache, StaticCache):
-            raise ValueError("a pre-allocated cache (StaticCache, cache_implementation='static') is not "
-                             "supported by a patched model; use swa_patch.make_cache(model) or the default "
-                             "cache of generate()")
-        if type(cache) is not DynamicCache or getattr(cache, "_is_user_defined", False):
-            return None
-        swa = getattr(cache, "_swa_patch_cache", None)
-        if swa is None:
-            if cache.get_seq_length() != 0:
-                return None
-            swa = cache._swa_patch_cache = make_cache(model)
-        return args, {**kwargs, name: swa}
-    return hook
-
-
-def _announce_step(module, args, kwargs):
-    """Decoder pre-hook: tell an SWACache which tokens come (and which are pads); in shift
-    mode replace ``position_ids`` with the cache's frame positions."""
-    _, cache = _find_cache(kwargs)
-    if not isinstance(cache, SWACache):
-        return None
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    if tokens is None:
-        tokens = kwargs["inputs_embeds"]
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
-        raise ValueError("SWACache needs a 2-D attention_mask [batch, tokens] (or none)")
-    positions = cache.begin(tokens.shape[1], mask, tokens.shape[0], tokens.device)
-    if positions is None:
-        return None
-    return args, {**kwargs, "position_ids": positions}
-
-
-def _pending_layout(module, args, kwargs):
-    """Attention pre-hook: a placeholder for families whose cache.update gets no kwargs."""
-    _, cache = _find_cache(kwargs)
-    if not isinstance(cache, SWACache) or "swa_keys" in kwargs:
-        return None
-    return args, {**kwargs, "swa_keys": _PendingLayout(cache, module.layer_idx)}
-
-
-def install_generation_hooks(model) -> list:
-    """Hooks that make a patched model (and its ``generate()``) use an SWACache; returns the
-    handles (``patch.unpatch_model`` removes them)."""
-    from . import compat
-    handles = [model.register_forward_pre_hook(_swap_default_cache(model), with_kwargs=True),
-               model.base_model.register_forward_pre_hook(_announce_step, with_kwargs=True)]
-    for _, module in compat.attention_modules(model):
-        handles.append(module.register_forward_pre_hook(_pending_layout, with_kwargs=True))
-    return handles

@@ -11,6 +11,7 @@ logger = logging.getLogger("swa_patch")
 
 BACKENDS = ("auto", "eager", "sdpa", "flex", "flash")
 POSITION_MODES = ("original", "shift")
+DECODE_MODES = ("window", "full")
 
 
 def _is_int(x) -> bool:
@@ -64,7 +65,13 @@ class SWAConfig:
     full_layers: layer indices that keep full causal attention.
     backend: ``auto`` picks per call and logs its choice; or one of eager/sdpa/flex/flash.
     positions: ``original`` (absolute positions; decoding equals the training band mask) or
-        ``shift`` (StreamingLLM positions inside the cache); default: shift iff sinks > 0.
+        ``shift`` (StreamingLLM positions inside the cache); default: shift iff sinks > 0 and
+        ``decode`` is "window".
+    decode: ``"window"`` (every query windowed), ``"full"`` (queries that predict answer or
+        generated tokens, rows >= P - 1 for a P-token prompt, attend every earlier token in
+        every windowed layer) or a list of layer indices that decode fully.  Those layers'
+        caches keep every key (prefill stays linear, memory does not), so positions are
+        ``original``.
     """
 
     window: int | list | None = None
@@ -74,6 +81,7 @@ class SWAConfig:
     backend: str = "auto"
     positions: str | None = None
     schedule: str | None = None
+    decode: str | list[int] = "window"
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -109,14 +117,39 @@ class SWAConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.positions is not None and self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES} or None, got {self.positions!r}")
+        self._check_decode(n_layers)
         if self.backend == "flash" and any(max_dilation(d) > 1 for d in (dilations or [self.dilation])):
             raise ValueError("backend='flash' cannot express dilation > 1 (flash-attn windows are "
                              "contiguous); use backend='sdpa', 'flex' or 'auto'")
         return self
 
+    def _check_decode(self, n_layers: int | None) -> None:
+        if isinstance(self.decode, (list, tuple)):
+            for i in self.decode:
+                _check_int("decode entry", i, 0)
+                if n_layers is not None and i >= n_layers:
+                    raise ValueError(f"decode entry {i} is out of range: the model has layers 0..{n_layers - 1}")
+        elif self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES} or a list of layer indices, "
+                             f"got {self.decode!r}")
+        if self.decodes_full and self.positions == "shift":
+            raise ValueError(f"decode={self.decode!r} keeps every key of its layers and attends them at "
+                             "their original positions; positions='shift' (StreamingLLM streaming) cannot "
+                             "apply: use positions='original' (the default with decode != 'window')")
+
+    @property
+    def decodes_full(self) -> bool:
+        """Some layer attends fully from the prompt boundary on."""
+        return self.decode == "full" or (isinstance(self.decode, (list, tuple)) and len(self.decode) > 0)
+
+    def decode_full_layers(self, n_layers: int) -> set[int]:
+        if self.decode == "full":
+            return set(range(n_layers))
+        return set(self.decode) if isinstance(self.decode, (list, tuple)) else set()
+
     @property
     def position_mode(self) -> str:
-        return self.positions or ("shift" if self.sinks > 0 else "original")
+        return self.positions or ("shift" if self.sinks > 0 and not self.decodes_full else "original")
 
     def layer_specs(self, n_layers: int, native_full: set[int] = frozenset(),
                     n_heads: int | None = None) -> list[LayerSpec]:
@@ -136,8 +169,10 @@ class SWAConfig:
         full = set(self.full_layers or ())
         if not isinstance(self.window, (list, tuple)):
             full |= set(native_full)
+        decode_full = self.decode_full_layers(n_layers)
         specs = [LayerSpec(None) if (i in full or windows[i] is None)
-                 else LayerSpec(windows[i], dilations[i], self.sinks) for i in range(n_layers)]
+                 else LayerSpec(windows[i], dilations[i], self.sinks, decode_full=i in decode_full)
+                 for i in range(n_layers)]
         dilated = [i for i, s in enumerate(specs) if s.window is not None and s.dilation > 1]
         if self.backend == "flash" and dilated:
             raise ValueError(f"backend='flash' cannot express dilation > 1 (flash-attn windows are "

@@ -4,11 +4,15 @@ Window convention (transformers' ``sliding_window=W``): query ``i`` sees key ``j
 ``i - W < j <= i``.  With dilation ``d`` it sees ``j = i - k*d`` for ``k = 0 .. W-1``
 (a span of ``(W-1)*d + 1`` positions); a layer may give each query head its own ``d``.
 Sinks: keys ``j`` among the first ``S`` real tokens of the stream are visible to every
-later query, undilated.  All indices here are *stream indices*: the position of a token
-in the input stream, pads included.
+later query, undilated.  A ``decode_full`` layer windows only the prompt: each row has a
+boundary ``full_from`` (``P - 1`` for a prompt of ``P`` tokens, the query whose output is
+the first answer token), and queries ``i >= full_from`` see every earlier real key.  All
+indices here are *stream indices*: the position of a token in the input stream, pads
+included.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -23,12 +27,16 @@ class LayerSpec:
     in ``head_dilations`` and ``dilation`` becomes their maximum, so ``span`` and
     ``cache_slots`` cover every head; kernels run one uniform spec per group of heads
     (:meth:`head_groups`), never the per-head spec itself.
+
+    ``decode_full``: queries from each row's prompt boundary on (``full_from``) see every
+    earlier key (``patch_model(..., decode="full")``); the window applies before it.
     """
 
     window: int | None
     dilation: int = 1
     sinks: int = 0
     head_dilations: tuple[int, ...] | None = None
+    decode_full: bool = False
 
     def __post_init__(self):
         per_head = self.head_dilations
@@ -50,7 +58,15 @@ class LayerSpec:
         groups: dict[int, list[int]] = {}
         for head, d in enumerate(self.head_dilations):
             groups.setdefault(d, []).append(head)
-        return [(LayerSpec(self.window, d, self.sinks), heads) for d, heads in sorted(groups.items())]
+        return [(self.with_dilation(d), heads) for d, heads in sorted(groups.items())]
+
+    def with_dilation(self, d: int) -> "LayerSpec":
+        """This spec with one dilation ``d`` for every head."""
+        return dataclasses.replace(self, dilation=d, head_dilations=None)
+
+    def windowed(self) -> "LayerSpec":
+        """The window that applies before the prompt boundary (this spec without decode_full)."""
+        return dataclasses.replace(self, decode_full=False)
 
     @property
     def span(self) -> int | None:
@@ -77,16 +93,18 @@ def band(i: torch.Tensor, j: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
 
 
 def reference_mask(spec: LayerSpec, n: int, attention_mask: torch.Tensor | None = None,
-                   device=None) -> torch.Tensor:
+                   device=None, full_from: torch.Tensor | None = None) -> torch.Tensor:
     """Dense boolean mask ``[B, n, n]`` over stream indices for a whole sequence
     (``[B, H, n, n]`` for a per-head dilation: one mask per query head).
 
     ``attention_mask`` is the usual 2-D ``[B, n]`` padding mask (1 = real token).  A pad
-    query sees itself only, so no row is empty.  This is the reference every backend and
-    cache is tested against.
+    query sees itself only, so no row is empty.  ``full_from`` ``[B]`` (decode_full specs):
+    each row's first query that sees every earlier key; default ``n - 1`` (the whole input
+    is the prompt, its last token predicts the answer).  This is the reference every
+    backend and cache is tested against.
     """
     if spec.head_dilations is not None:
-        per_dilation = {d: reference_mask(LayerSpec(spec.window, d, spec.sinks), n, attention_mask, device)
+        per_dilation = {d: reference_mask(spec.with_dilation(d), n, attention_mask, device, full_from)
                         for d in set(spec.head_dilations)}
         return torch.stack([per_dilation[d] for d in spec.head_dilations], dim=1)
     real = (torch.ones(1, n, dtype=torch.bool, device=device) if attention_mask is None
@@ -96,6 +114,10 @@ def reference_mask(spec: LayerSpec, n: int, attention_mask: torch.Tensor | None 
     first_real = first_real_index(real)  # [B]
     sink = (j[None] >= first_real[:, None, None]) & (j[None] < first_real[:, None, None] + spec.sinks)
     visible = band(i, j, spec)[None] | (sink & (j <= i)[None])
+    if spec.decode_full:
+        full_from = torch.full((1,), n - 1) if full_from is None else torch.as_tensor(full_from)
+        full_query = i[None] >= full_from.to(real.device).view(-1, 1, 1)
+        visible = torch.where(full_query, (j <= i)[None], visible)
     return (visible & real[:, None, :]) | (i == j)[None]
 
 
@@ -105,15 +127,20 @@ def first_real_index(real: torch.Tensor) -> torch.Tensor:
 
 
 def slot_mask(spec: LayerSpec, i: torch.Tensor, j: torch.Tensor, is_sink_slot: torch.Tensor,
-              valid: torch.Tensor) -> torch.Tensor:
+              valid: torch.Tensor, full_query: torch.Tensor | None = None) -> torch.Tensor:
     """Visibility of key slots that hold stream index ``j``; all arguments broadcast.
 
     Keys come in two kinds.  A *contiguous* key is visible when it is in the band (and is a
     real token, or the query itself).  A *sink slot* holds a copy of one of the first S real
     tokens; it is visible when that token is in the past and **not** already in the band,
-    so a token that is both sink and in-window is counted exactly once.
+    so a token that is both sink and in-window is counted exactly once.  ``full_query``
+    (decode_full specs): queries at or past their row's boundary see every earlier
+    contiguous key and no sink slot (their sinks are among the contiguous keys).
     """
     in_band = band(i, j, spec)
     sink_part = is_sink_slot & valid & (j <= i) & ~in_band
     band_part = ~is_sink_slot & in_band & (valid | (i == j))
-    return sink_part | band_part
+    if full_query is None:
+        return sink_part | band_part
+    full_part = ~is_sink_slot & (j <= i) & (valid | (i == j))
+    return torch.where(full_query, full_part, sink_part | band_part)

@@ -1,6 +1,7 @@
 """patch_model / unpatch_model: registration, per-layer plans, config write-back."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -9,11 +10,13 @@ from .attention import LayerPlan, mask_builder, swa_attention
 from .backends import check_available
 from .config import SWAConfig
 from .families import family_of, native_full_layers
+from .generation import install_generation_hooks, remove_generation_hooks
+from .state import STATE_ATTR, find_patched, layer_specs, patch_settings, patch_state
 
 logger = logging.getLogger("swa_patch")
 
 CONFIG_KEY = "swa_patch"      # namespaced block written into config.json
-_STATE = "_swa_patch_state"   # what unpatch_model needs to restore
+__all__ = ["original_attention", "patch_model", "unpatch_model", "patch_settings", "layer_specs"]
 
 
 def patch_model(model, window=None, sinks: int = 0, **options):
@@ -38,7 +41,7 @@ def patch_model(model, window=None, sinks: int = 0, **options):
         from .rope import model_ropes
         model_ropes(model, n_layers)     # refuses RoPE that cannot be re-rotated exactly
     check_available(settings.backend, next(model.parameters()).device)
-    state = getattr(model, _STATE, None)
+    state = patch_state(model)
     if state is not None:
         if state["settings"].to_dict() == settings.to_dict():
             return model
@@ -55,37 +58,48 @@ def patch_model(model, window=None, sinks: int = 0, **options):
         module._swa_plan = LayerPlan(specs[idx], settings.backend)
     compat.set_attn_implementation(model, compat.ATTN_NAME)
     setattr(text_config, CONFIG_KEY, settings.to_dict())
-    setattr(model, _STATE, state)
+    setattr(model, STATE_ATTR, state)
     logger.info("swa_patch: patched %s (%d layers): %s", type(model).__name__, n_layers, settings)
-    from .cache import install_generation_hooks
     state["hooks"] = install_generation_hooks(model)
     return model
 
 
 def unpatch_model(model):
     """Undo :func:`patch_model` exactly; a model that is not patched is returned unchanged."""
-    state = getattr(model, _STATE, None)
+    state = patch_state(model)
     if state is None:
         return model
-    for hook in state.get("hooks", ()):
-        hook.remove()
+    if state.get("suspended"):
+        raise RuntimeError("unpatch_model inside swa_patch.original_attention(model): leave the block first")
+    remove_generation_hooks(model, state.get("hooks", ()))
     for _, module in compat.attention_modules(model):
         module.__dict__.pop("_swa_plan", None)
     compat.set_attn_implementation(model, state["attn"])
     text_config = compat.text_config(model)
     if hasattr(text_config, CONFIG_KEY):
         delattr(text_config, CONFIG_KEY)
-    delattr(model, _STATE)
+    delattr(model, STATE_ATTR)
     return model
 
 
-def patch_settings(model) -> SWAConfig | None:
-    state = getattr(model, _STATE, None)
-    return None if state is None else state["settings"]
-
-
-def layer_specs(model):
-    return getattr(model, _STATE)["specs"]
+@contextlib.contextmanager
+def original_attention(model):
+    """Inside the block a patched model (or a peft / DDP wrapper around one) runs the attention
+    it had before :func:`patch_model`: the model's own attention function, masks and caches,
+    exactly; the window comes back when the block ends, even on an error.  Distillation uses
+    it as the teacher: ``with peft_model.disable_adapter(), original_attention(peft_model):``
+    gives the original model's logits from the same weights, no second copy held."""
+    base = find_patched(model)
+    state = patch_state(base)
+    if state.get("suspended"):
+        raise RuntimeError("original_attention blocks do not nest: this model is already inside one")
+    compat.set_attn_implementation(base, state["attn"])
+    state["suspended"] = True
+    try:
+        yield model
+    finally:
+        state["suspended"] = False
+        compat.set_attn_implementation(base, compat.ATTN_NAME)
 
 
 def _check_model(model):

@@ -141,7 +141,7 @@ def _cached_steps(model, ids, mode, chunk, marks):
     checkpoint, so every row is exact."""
     from transformers import DynamicCache
 
-    from .cache import make_cache
+    from .generation import make_cache
     cache = DynamicCache(config=model.config) if mode == "dense" else make_cache(model)
     start, marks = 0, iter(marks)
     mark = next(marks)

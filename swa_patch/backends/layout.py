@@ -31,6 +31,8 @@ class KeyLayout:
     query_extra: object | None = None       # callable [B, H, q, D] -> [B, H, q, D]: widens the query
                                             # to [q, query_extra(q)]; keys and values come widened
                                             # (shift-mode cache chunks); output keeps the first D
+    full_from: torch.Tensor | None = None   # [B] stream index of each row's first query that sees
+                                            # every earlier key (decode_full specs only)
 
     @property
     def n_sinks(self) -> int:
@@ -52,12 +54,17 @@ class KeyLayout:
               else self.key_index.to(device))
         real = (torch.ones(batch, k_len, dtype=torch.bool, device=device)
                 if self.key_real is None else self.key_real)
+        full = None
+        if spec.decode_full:
+            if self.full_from is None:
+                raise ValueError("a decode_full layer needs the prompt boundary (KeyLayout.full_from)")
+            full = i[None] >= self.full_from.to(device).view(-1, 1, 1)          # [B, q, 1]
         contiguous = slot_mask(spec, i[None], jc[None, None], torch.zeros((), dtype=torch.bool,
-                               device=device), real[:, None, :])
+                               device=device), real[:, None, :], full)
         if not self.n_sinks:
             return contiguous
         sinks = slot_mask(spec, i[None], self.sink_index[:, None, :], torch.ones((), dtype=torch.bool,
-                          device=device), self.sink_valid[:, None, :])
+                          device=device), self.sink_valid[:, None, :], full)
         return torch.cat([sinks, contiguous], dim=-1)
 
     def keys_with_sinks(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
