@@ -5,7 +5,10 @@
         --seq-len 16384 --output out/ [--max-steps N] [--config recipes/configs/<recipe>.yaml]
 
 The model is patched (``swa_patch.patch_model``) before the adapters are attached, so every
-training step runs the block-sparse band attention.  A ``--config`` file (YAML or JSON)
+training step runs the block-sparse band attention.  ``--distill`` trains on
+``alpha * KL(teacher || student) + (1 - alpha) * CE``; the teacher is the same weights with
+the adapter disabled and the window switched off (``swa_patch.original_attention``), so no
+second copy of the model is held.  A ``--config`` file (YAML or JSON)
 lists only what differs from the defaults below; command-line flags override it.
 Outputs in ``--output``: the adapter (``swa_patch.from_pretrained(output)`` reloads it
 patched), the tokenizer, ``checkpoints/step_N`` (``accelerator.save_state``; ``--resume``),
@@ -61,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-modules", nargs="+", help="default: the family's attention + MLP projections")
     g.add_argument("--train-embeddings-norms", action=argparse.BooleanOptionalAction, default=False,
                    help="also train embeddings and norms in full (LongLoRA)")
+    g = p.add_argument_group("distillation (teacher: the same weights, adapter off, window off)")
+    g.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
+                   help="train on alpha * KL(teacher || student) + (1 - alpha) * CE")
+    g.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the KL term, in [0, 1]")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (> 0)")
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs over the data)")
     g.add_argument("--epochs", type=int, default=1)
@@ -109,6 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
     if not 0 <= args.eval_fraction < 1:
         parser.error(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if not 0 <= args.distill_alpha <= 1:
+        parser.error(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
     return args
 
 
@@ -149,8 +161,11 @@ def load_model(args, accelerator):
     swa_patch.patch_model(model, window=args.window, sinks=args.sinks, dilation=args.dilation,
                           backend=args.attn_backend)
     model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:   # later 5.x releases rename gradient_checkpointing_enable
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model_type = text_config.model_type
     lora = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout,
@@ -191,11 +206,43 @@ def collate(rows):
     return {"input_ids": torch.stack([r["input_ids"] for r in rows])}
 
 
+# ---- loss -------------------------------------------------------------------------------
+def lm_loss(model, ids):
+    """Next-token cross-entropy, the model's own loss."""
+    return model(input_ids=ids, labels=ids).loss
+
+
+def teacher_logits(teacher, ids):
+    """Next-token logits of the original model: ``teacher`` is the unwrapped peft model, run
+    with its adapter disabled inside ``swa_patch.original_attention``: no second copy."""
+    import swa_patch
+
+    with torch.no_grad(), teacher.disable_adapter(), swa_patch.original_attention(teacher):
+        return teacher(input_ids=ids).logits[:, :-1].float()
+
+
+def kl_per_token(logits, target, temperature: float):
+    """``T^2 * KL(softmax(target / T) || softmax(logits / T))`` per position, ``[B, n]``."""
+    log_p = F.log_softmax(logits / temperature, -1)
+    log_t = F.log_softmax(target / temperature, -1)
+    return (log_t.exp() * (log_t - log_p)).sum(-1) * temperature ** 2
+
+
+def distill_loss(model, teacher, ids, alpha: float, temperature: float):
+    """``alpha * KL(teacher || student) + (1 - alpha) * CE`` (token means), and both parts."""
+    target = teacher_logits(teacher, ids)
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    ce = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:])
+    kl = kl_per_token(logits, target, temperature).mean()
+    return alpha * kl + (1 - alpha) * ce, ce.detach(), kl.detach()
+
+
 # ---- loop -------------------------------------------------------------------------------
-def evaluate(model, loader, accelerator, max_batches=None) -> float:
-    """Mean token loss over the held-out blocks (every block has the same length)."""
+def evaluate(model, loader, accelerator, max_batches=None, teacher=None, temperature=1.0) -> dict:
+    """Mean token loss over the held-out blocks (every block has the same length) and, with a
+    ``teacher``, the mean KL from the original model (the distillation objective)."""
     model.eval()
-    losses = []
+    losses, kls = [], []
     with torch.no_grad():
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
@@ -204,8 +251,12 @@ def evaluate(model, loader, accelerator, max_batches=None) -> float:
             logits = model(input_ids=ids).logits[:, :-1].float()
             per_seq = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(-1)
             losses.append(accelerator.gather_for_metrics(per_seq))
+            if teacher is not None:
+                kl = kl_per_token(logits, teacher_logits(teacher, ids), temperature).mean(-1)
+                kls.append(accelerator.gather_for_metrics(kl))
     model.train()
-    return torch.cat(losses).mean().item() if losses else float("nan")
+    mean = lambda xs: torch.cat(xs).mean().item() if xs else float("nan")
+    return {"loss": mean(losses), **({"kl": mean(kls)} if teacher is not None else {})}
 
 
 def checkpoint_dirs(output: str) -> list[str]:
@@ -284,10 +335,15 @@ def main(argv=None):
     accelerator.print(f"{len(train)} training / {len(held)} held-out blocks of {args.seq_len} tokens; "
                       f"{max_steps} steps of {args.batch_size}x{args.grad_accum}x{accelerator.num_processes} sequences")
 
+    teacher = accelerator.unwrap_model(model) if args.distill else None
+
     def log_eval(at: int) -> None:
-        loss = evaluate(model, eval_dl, accelerator, args.eval_batches)
-        accelerator.log({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=at)
-        accelerator.print(f"step {at} eval loss {loss:.4f} perplexity {math.exp(loss):.3f}")
+        result = evaluate(model, eval_dl, accelerator, args.eval_batches, teacher, args.temperature)
+        loss = result["loss"]
+        accelerator.log({"eval/loss": loss, "eval/perplexity": math.exp(loss),
+                         **({"eval/kl": result["kl"]} if teacher is not None else {})}, step=at)
+        accelerator.print(f"step {at} eval loss {loss:.4f} perplexity {math.exp(loss):.3f}"
+                          + (f" kl {result['kl']:.4f}" if teacher is not None else ""))
 
     if step == 0 and len(held):
         log_eval(0)
@@ -296,13 +352,20 @@ def main(argv=None):
     epoch, skip = divmod(consumed, len(train_dl))
     tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * accelerator.num_processes
     running, count, tick = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    parts = {"ce": torch.zeros((), device=accelerator.device), "kl": torch.zeros((), device=accelerator.device)}
     while step < max_steps:
         train_dl.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
         skip = 0
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+                if args.distill:
+                    loss, ce, kl = distill_loss(model, teacher, batch["input_ids"], args.distill_alpha,
+                                                args.temperature)
+                    parts["ce"] += ce
+                    parts["kl"] += kl
+                else:
+                    loss = lm_loss(model, batch["input_ids"])
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -316,9 +379,14 @@ def main(argv=None):
             step += 1
             now = time.perf_counter()
             train_loss = accelerator.reduce(running / count, "mean").item()
-            accelerator.log({"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
-                             "train/tokens_per_s": tokens_per_step / (now - tick), "train/epoch": epoch}, step=step)
-            accelerator.print(f"step {step}/{max_steps} loss {train_loss:.4f}")
+            metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
+                       "train/tokens_per_s": tokens_per_step / (now - tick), "train/epoch": epoch}
+            if args.distill:
+                metrics.update({f"train/{k}": accelerator.reduce(v / count, "mean").item() for k, v in parts.items()})
+                parts = {k: torch.zeros_like(v) for k, v in parts.items()}
+            accelerator.log(metrics, step=step)
+            accelerator.print(f"step {step}/{max_steps} loss {train_loss:.4f}"
+                              + (f" (ce {metrics['train/ce']:.4f}, kl {metrics['train/kl']:.4f})" if args.distill else ""))
             running, count = torch.zeros((), device=accelerator.device), 0
             if len(held) and (step == max_steps or (args.eval_every and step % args.eval_every == 0)):
                 log_eval(step)

@@ -10,6 +10,7 @@ COMMAND_MODULES = [
     # one line per feature module; each defines add_cli(subparsers)
     "swa_patch.receptive",
     "swa_patch.streaming",
+    "swa_patch.retrieval",
     "swa_patch.commands",
 ]
 

@@ -43,11 +43,12 @@ def _tiny_checkpoint(folder: Path, tie: bool = False) -> None:
     LlamaForCausalLM(config).save_pretrained(folder)
 
 
-def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _launch(args: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1"}
+    config = {1: "cpu_1proc.yaml", 2: "cpu_2proc.yaml"}[processes]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(RECIPES / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "0",
+           str(RECIPES / "accelerate" / config), "--main_process_port", "0",
            str(RECIPES / "finetune_lora.py"), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -160,3 +161,79 @@ def test_longlora_option_trains_tied_embeddings_and_norms(tmp_path):
     # the output head follows the trained copy of the input embeddings
     assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
     assert swa_patch.patch.patch_settings(base).window == 8
+
+
+# ---- distillation: the teacher is the same weights, adapter off, window off ----------------------
+def test_distill_teacher_is_the_original_model_and_alpha_zero_is_cross_entropy(tmp_path):
+    from accelerate import Accelerator
+
+    from finetune_lora import distill_loss, lm_loss, load_model
+    from transformers import AutoModelForCausalLM
+
+    _tiny_checkpoint(tmp_path / "base")
+    args = parse_args(["--model", str(tmp_path / "base"), "--dataset", "d", "--output", "o", "--window", "8",
+                       "--sinks", "2", "--distill", "--no-gradient-checkpointing"])
+    _, model, _ = load_model(args, Accelerator(cpu=True))
+    for name, p in model.named_parameters():          # a non-zero adapter: student != teacher
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(0))
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        want = original(ids).logits[:, :-1]
+    seen = {}
+    teacher_forward = model.forward
+
+    def spy(*a, **kw):
+        out = teacher_forward(*a, **kw)
+        if not torch.is_grad_enabled():
+            seen["teacher"] = out.logits[:, :-1].clone()
+        return out
+    model.forward = spy
+    loss, ce, kl = distill_loss(model, model, ids, alpha=0.5, temperature=2.0)
+    assert torch.equal(seen["teacher"], want)                       # adapter off, window off: exact
+    assert kl > 0 and loss.requires_grad
+    zero, _, _ = distill_loss(model, model, ids, alpha=0.0, temperature=2.0)
+    torch.testing.assert_close(zero, lm_loss(model, ids))
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits[:, :-1], want)     # the student is windowed again
+
+
+def test_distill_steps_move_the_student_to_the_teacher():
+    from peft import LoraConfig, get_peft_model
+
+    from finetune_lora import distill_loss
+    from tests.models import tiny_model
+
+    model = get_peft_model(swa_patch.patch_model(tiny_model("llama"), window=8, sinks=2),
+                           LoraConfig(r=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(3, 97, (4, 64), generator=torch.Generator().manual_seed(0))
+    kls = []
+    for _ in range(20):
+        loss, _, kl = distill_loss(model, model, ids, alpha=1.0, temperature=2.0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        kls.append(kl.item())
+    assert kls[-1] < 0.8 * kls[0] and all(b < a for a, b in zip(kls, kls[1:])), kls
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_distill_run_under_accelerate(tmp_path, processes):
+    _tiny_checkpoint(tmp_path / "base")
+    (tmp_path / "train.txt").write_text(_text())
+    out = tmp_path / "out"
+    proc = _launch(["--config", str(RECIPES / "configs" / "tiny_test.yaml"), "--model", str(tmp_path / "base"),
+                    "--dataset", str(tmp_path / "train.txt"), "--eval-fraction", "0.1", "--distill",
+                    "--distill-alpha", "0.7", "--temperature", "2.0", "--max-steps", "4", "--eval-every", "0",
+                    "--save-every", "0", "--output", str(out)], tmp_path, processes)
+    assert f"x{processes} sequences" in proc.stdout          # the recipe's own count of processes
+    rows = [r for r in _metrics(out) if "train/loss" in r]
+    assert len(rows) == 4
+    for r in rows:                                          # the logged loss is the weighted sum
+        assert r["train/loss"] == pytest.approx(0.7 * r["train/kl"] + 0.3 * r["train/ce"], rel=1e-4)
+        assert r["train/kl"] > 0
+    assert len([r for r in _metrics(out) if "eval/kl" in r]) == 2
+    model = swa_patch.from_pretrained(out)
+    assert swa_patch.patch.patch_settings(model.get_base_model()).window == 16
