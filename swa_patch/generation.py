@@ -146,8 +146,8 @@ def _boundary(state, args, kwargs, cache, prompt_lengths) -> torch.Tensor | None
         ends = prompt_ends(prompt_lengths, batch, None if cache is not None else n)
     elif labels is not None:
         ends = start + label_prompt_ends(labels)
-    elif isinstance(cache, SWACache) and cache.full_from is None and state.get("generate_prompt_end"):
-        ends = torch.tensor([state["generate_prompt_end"]])
+    elif isinstance(cache, SWACache) and cache.full_from is None and state.get("generate_prompt_end") is not None:
+        ends = state["generate_prompt_end"]
     else:
         return None
     full_from = (ends - 1).to(tokens.device)
@@ -191,16 +191,21 @@ def _pending_layout(module, args, kwargs):
 
 
 def _recording_generate(model, state: dict):
-    """``model.generate`` that tells the hooks its prompt length (decode="full": the boundary
-    must not depend on how generate feeds the prompt, e.g. ``prefill_chunk_size``)."""
+    """``model.generate`` that tells the hooks where the prompt ends (decode="full": the
+    boundary must not depend on how generate feeds the prompt, e.g. ``prefill_chunk_size``):
+    ``prompt_lengths=`` if given (e.g. to attend fully from a question on), else its input."""
     original = type(model).generate.__get__(model)
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
+        prompt_lengths = kwargs.pop("prompt_lengths", None)
         tokens = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
-        state["generate_prompt_end"] = None if tokens is None else tokens.shape[1]
+        if prompt_lengths is not None:
+            state["generate_prompt_end"] = prompt_ends(prompt_lengths, tokens.shape[0], tokens.shape[1])
+        elif tokens is not None:
+            state["generate_prompt_end"] = torch.tensor([tokens.shape[1]])
         try:
             return original(*args, **kwargs)
         finally:

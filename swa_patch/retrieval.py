@@ -8,7 +8,10 @@
   patched model keeps, and the *effective reach* is the largest ``D`` with recall >= 0.5.
   For decode="full" models the repeat is the answer: the prompt ends where it begins.
 * **passkey**: a number hidden at a depth of a haystack of real text; greedy generation must
-  reproduce it.  Accuracy per (length, depth).
+  reproduce it.  Accuracy per (length, depth).  For decode="full" models the boundary sits
+  where the question starts (``boundary="question"``: the haystack is read through the
+  window, the question and the answer attend everything) or at the prompt end
+  (``"prompt-end"``: only the answer does).
 
 Only the scored logits are computed (``logits_to_keep``), so a long probe of a large-vocabulary
 model never builds a ``[n, vocab]`` tensor.  :func:`compare` runs configurations of one model
@@ -25,11 +28,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-FEATURES = ("window", "sinks", "full-layers:K", "decode-full")
+FEATURES = ("window", "sinks[:N]", "full-layers:K", "decode-full")
 PASSKEY_INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
                  "I will quiz you about the pass key.\n\n")
 PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
 PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+PASSKEY_BOUNDARIES = ("question", "prompt-end")
 
 
 @dataclass
@@ -57,18 +61,19 @@ class PasskeyTrial:
 # ---- configurations ----------------------------------------------------------------------------
 def config_options(name: str, window: int, sinks: int, n_layers: int) -> dict | None:
     """``patch_model`` options for a configuration name (None: the unpatched model).
-    ``window`` = the window alone; ``+sinks`` adds the sinks, ``+full-layers:K`` makes every
-    K-th layer full (layers K-1, 2K-1, ...), ``+decode-full`` sets decode="full"."""
+    ``window`` = the window alone; ``+sinks`` adds the sinks (``sinks:N``: N of them),
+    ``+full-layers:K`` makes every K-th layer full (layers K-1, 2K-1, ...), ``+decode-full``
+    sets decode="full"."""
     if name == "dense":
         return None
     options = {"window": window, "sinks": 0}
     for part in name.split("+"):
         if part == "window":
             continue
-        if part == "sinks":
-            if sinks < 1:
+        if part == "sinks" or (part.startswith("sinks:") and part[6:].isdigit() and int(part[6:]) >= 1):
+            options["sinks"] = int(part[6:]) if ":" in part else sinks
+            if options["sinks"] < 1:
                 raise ValueError(f"configuration {name!r} needs sinks >= 1, got {sinks}")
-            options["sinks"] = sinks
         elif part.startswith("full-layers:") and part.split(":")[1].isdigit() and int(part.split(":")[1]) >= 1:
             every = int(part.split(":")[1])
             options["full_layers"] = list(range(every - 1, n_layers, every))
@@ -184,13 +189,18 @@ def passkey_prompt(tokenizer, haystack_ids: torch.Tensor, length: int, depth: fl
 
 @torch.no_grad()
 def passkey(model, tokenizer, ids, lengths=(1024, 2048, 4096), depths=(0.1, 0.3, 0.5, 0.7, 0.9),
-            trials: int = 1, seed: int = 0, config: str = "model", progress: bool = True) -> list[PasskeyTrial]:
+            trials: int = 1, seed: int = 0, config: str = "model", progress: bool = True,
+            boundary: str = "question") -> list[PasskeyTrial]:
     """Greedy generation must reproduce a 5-digit key hidden at each depth of haystacks of
-    each length (haystacks from random offsets of ``ids``; the same ``seed``, the same keys)."""
+    each length (haystacks from random offsets of ``ids``; the same ``seed``, the same keys).
+    ``boundary``: where a decode="full" model's prompt ends (see the module docstring)."""
     from tqdm.auto import tqdm
 
     ids = torch.as_tensor(ids).reshape(-1)
     lengths = _positive_ints("lengths", lengths)
+    if boundary not in PASSKEY_BOUNDARIES:
+        raise ValueError(f"boundary must be one of {PASSKEY_BOUNDARIES}, got {boundary!r}")
+    question = len(tokenizer(PASSKEY_QUESTION, add_special_tokens=False).input_ids)
     if any(not 0 <= d <= 1 for d in depths):
         raise ValueError(f"depths must lie in [0, 1], got {list(depths)}")
     if max(lengths) > ids.numel():
@@ -206,8 +216,10 @@ def passkey(model, tokenizer, ids, lengths=(1024, 2048, 4096), depths=(0.1, 0.3,
                 key = str(rng.randrange(10_000, 100_000))
                 start = rng.randrange(0, ids.numel() - length + 1)
                 prompt = passkey_prompt(tokenizer, ids[start:start + length], length, depth, key)[None].to(device)
+                extra = ({"prompt_lengths": length - question}
+                         if boundary == "question" and _decodes_full(model) else {})
                 out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                                     do_sample=False, pad_token_id=tokenizer.eos_token_id)
+                                     do_sample=False, pad_token_id=tokenizer.eos_token_id, **extra)
                 answer = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
                 rows.append(PasskeyTrial(config, length, depth, t, key, answer.strip(), key in answer))
                 bar.update()
@@ -230,7 +242,7 @@ def theoretical_reach(model) -> int | None:
 def compare(model, tokenizer, ids, configs, window: int, sinks: int = 4, distances=None, span: int = 64,
             lead: int = 32, trials: int = 8, passkey_lengths=(1024, 2048, 4096),
             depths=(0.1, 0.3, 0.5, 0.7, 0.9), passkey_trials: int = 1, seed: int = 0, backend: str = "auto",
-            progress: bool = True):
+            progress: bool = True, passkey_boundary: str = "question"):
     """Run the probes on each configuration of ``model`` (patched in turn; left unpatched).
     Returns ``(copy trials, passkey trials, {config: theoretical reach})``."""
     from .patch import patch_model, unpatch_model
@@ -251,7 +263,7 @@ def compare(model, tokenizer, ids, configs, window: int, sinks: int = 4, distanc
             copies += copy_probe(model, ids, distances, span, lead, trials, seed, name, progress)
             if passkey_lengths:
                 keys += passkey(model, tokenizer, ids, passkey_lengths, depths, passkey_trials, seed, name,
-                                progress)
+                                progress, passkey_boundary)
         finally:
             unpatch_model(model)
     return copies, keys, reach
@@ -369,7 +381,11 @@ def plot(recalls: list[RecallRow], keys: list[PasskeyTrial], path, window: int |
         ax.axvline(window, color="grey", ls=":", lw=1)
         ax.text(window, 1.02, " W", color="grey", va="bottom")
     ax.axhline(0.5, color="grey", ls="--", lw=0.8)
-    ax.set(xscale="log", xlabel="distance D (tokens between the span and its repeat)",
+    distances = sorted({r.distance for r in recalls})
+    ax.set_xscale("log")
+    ax.set_xticks(distances, [str(d) for d in distances])
+    ax.minorticks_off()
+    ax.set(xlabel="distance D (tokens between the span and its repeat)",
            ylabel="recall (share of dense NLL drop)", title="copy probe", ylim=(-0.15, 1.15))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
@@ -428,6 +444,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--passkey-lengths", default="1024,2048,4096", help="haystack lengths ('' to skip)")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--passkey-trials", type=int, default=1, help="tries per (length, depth)")
+    p.add_argument("--passkey-boundary", choices=PASSKEY_BOUNDARIES, default="question",
+                   help="decode='full' configurations: attend fully from the question (default) or from "
+                        "the prompt end (only the answer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None)
@@ -457,7 +476,7 @@ def run_cli(args) -> int:
     copies, keys, reach = compare(model, tokenizer, ids, configs, args.window, args.sinks, distances, args.span,
                                   trials=args.trials, passkey_lengths=lengths, depths=depths,
                                   passkey_trials=args.passkey_trials, seed=args.seed, backend=args.backend,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, passkey_boundary=args.passkey_boundary)
     recalls = recall_table(copies)
     print(format_table(recalls, keys, reach))
     csv_path = args.csv or os.path.splitext(args.plot)[0] + ".csv"

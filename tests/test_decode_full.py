@@ -270,6 +270,11 @@ def test_generate_equals_parallel_forward_with_the_prompt_boundary():
     torch.testing.assert_close(steps, parallel, atol=2e-5, rtol=0)
     chunked = _greedy(model, ids, attention_mask=mask, prefill_chunk_size=5)
     torch.testing.assert_close(torch.stack(chunked.logits, 1), steps, atol=2e-5, rtol=0)
+    early = _greedy(model, ids, attention_mask=mask, prompt_lengths=15)     # the question attends fully too
+    with torch.no_grad():
+        parallel = model(early.sequences, attention_mask=full, prompt_lengths=15).logits[:, 23:-1]
+    torch.testing.assert_close(torch.stack(early.logits, 1), parallel, atol=2e-5, rtol=0)
+    assert (torch.stack(early.logits, 1) - steps).abs().max() > 1e-3
     assert "generate" not in unpatch_model(model).__dict__
 
 

@@ -21,7 +21,8 @@ def test_config_names():
     assert config_options("window", 64, 4, 8) == {"window": 64, "sinks": 0}
     assert config_options("sinks+full-layers:4+decode-full", 64, 4, 8) == {
         "window": 64, "sinks": 4, "full_layers": [3, 7], "decode": "full"}
-    for bad in ("sink", "full-layers:0", "full-layers:x", "dense+sinks"):
+    assert config_options("sinks:64", 64, 4, 8) == {"window": 64, "sinks": 64}
+    for bad in ("sink", "sinks:0", "full-layers:0", "full-layers:x", "dense+sinks"):
         with pytest.raises(ValueError, match="unknown part"):
             config_options(bad, 64, 4, 8)
     with pytest.raises(ValueError, match="sinks >= 1"):
