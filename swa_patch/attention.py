@@ -257,7 +257,8 @@ _logged: set = set()
 
 def choose_backend(requested: str, query, spec: LayerSpec, layout: KeyLayout, s_aux: bool = False) -> str:
     """The kernel for one call.  Short query blocks (decode steps, small chunks) always use
-    the sdpa kernel; ``auto`` picks flash on CUDA when installed, flex for long prefills
+    the sdpa kernel; ``auto`` picks FlashAttention-4 on CUDA (Hopper+) when installed, then
+    flash-attn 2, flex for long prefills
     without gradients, sdpa otherwise.  Every choice that differs from the request is logged."""
     lq = query.shape[2]
     if requested in ("eager", "sdpa"):
@@ -266,11 +267,15 @@ def choose_backend(requested: str, query, spec: LayerSpec, layout: KeyLayout, s_
         choice, why = "sdpa", f"{lq} queries (decode step or small chunk)"
     elif layout.key_index is not None:
         choice, why = "sdpa", "keys from a ring buffer (dense kernel over the cache)"
-    elif requested == "flash" and (layout.key_real is not None):
+    elif requested in ("flash", "flash4") and (layout.key_real is not None):
         choice, why = "sdpa", "left padding (flash path here is unpadded)"
     elif requested != "auto":
         return requested
-    elif query.is_cuda and flash_available() and spec.dilation == 1:
+    elif spec.window is None:
+        choice, why = "sdpa", "full attention (torch SDPA's dense causal kernel)"
+    elif query.is_cuda and flash_available("flash4") and spec.dilation == 1 and layout.key_real is None:
+        choice, why = "flash4", "CUDA with FlashAttention-4"
+    elif query.is_cuda and flash_available("flash") and spec.dilation == 1 and layout.key_real is None:
         choice, why = "flash", "CUDA with flash-attn"
     elif s_aux and not query.is_cuda:
         choice, why = "sdpa", "learned sink logits on CPU (compiled flex has no log-sum-exp there)"

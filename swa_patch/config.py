@@ -9,7 +9,8 @@ from .masks import LayerSpec
 
 logger = logging.getLogger("swa_patch")
 
-BACKENDS = ("auto", "eager", "sdpa", "flex", "flash")
+BACKENDS = ("auto", "eager", "sdpa", "flex", "flash", "flash4")
+FLASH_BACKENDS = ("flash", "flash4")
 POSITION_MODES = ("original", "shift")
 DECODE_MODES = ("window", "full")
 
@@ -63,7 +64,8 @@ class SWAConfig:
     dilation: query ``i`` sees ``i - k*d`` for ``k < W``; an int or one entry per layer, and an
         entry may be a list with one dilation per query head (``num_attention_heads`` of them).
     full_layers: layer indices that keep full causal attention.
-    backend: ``auto`` picks per call and logs its choice; or one of eager/sdpa/flex/flash.
+    backend: ``auto`` picks per call and logs its choice; or one of eager/sdpa/flex/flash/flash4
+        (flash: flash-attn 2; flash4: FlashAttention-4).
     positions: ``original`` (absolute positions; decoding equals the training band mask) or
         ``shift`` (StreamingLLM positions inside the cache); default: shift iff sinks > 0 and
         ``decode`` is "window".
@@ -118,8 +120,8 @@ class SWAConfig:
         if self.positions is not None and self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES} or None, got {self.positions!r}")
         self._check_decode(n_layers)
-        if self.backend == "flash" and any(max_dilation(d) > 1 for d in (dilations or [self.dilation])):
-            raise ValueError("backend='flash' cannot express dilation > 1 (flash-attn windows are "
+        if self.backend in FLASH_BACKENDS and any(max_dilation(d) > 1 for d in (dilations or [self.dilation])):
+            raise ValueError(f"backend={self.backend!r} cannot express dilation > 1 (flash-attn windows are "
                              "contiguous); use backend='sdpa', 'flex' or 'auto'")
         return self
 
@@ -174,8 +176,8 @@ class SWAConfig:
                  else LayerSpec(windows[i], dilations[i], self.sinks, decode_full=i in decode_full)
                  for i in range(n_layers)]
         dilated = [i for i, s in enumerate(specs) if s.window is not None and s.dilation > 1]
-        if self.backend == "flash" and dilated:
-            raise ValueError(f"backend='flash' cannot express dilation > 1 (flash-attn windows are "
+        if self.backend in FLASH_BACKENDS and dilated:
+            raise ValueError(f"backend={self.backend!r} cannot express dilation > 1 (flash-attn windows are "
                              f"contiguous), and schedule={self.schedule!r} dilates layers {dilated}; "
                              f"use backend='sdpa', 'flex' or 'auto'")
         return specs

@@ -5,7 +5,8 @@ from hypothesis import given, settings, strategies as st
 
 from attn_cases import assert_close_valid, left_padding, random_qkv, reference, run_backend
 from swa_patch.backends import eager, flash, flex, sdpa
-from swa_patch.masks import LayerSpec
+from swa_patch.backends.layout import KeyLayout
+from swa_patch.masks import LayerSpec, reference_mask
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -76,6 +77,29 @@ def test_flex_matches_reference(n, window, sinks, pad, kv):
     assert_close_valid(out, ref, padding, atol=2e-5)
 
 
+def test_flex_window_compiles_once_for_every_length(monkeypatch):
+    """Fixed-shape chunks: after the first call, new prompt lengths (and continuations that
+    start mid-stream) reuse the compiled kernels, and every length equals the reference."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from swa_patch.attention import MaskInfo, contiguous_layout
+
+    monkeypatch.setitem(flex.CHUNK, "cpu", 128)
+    spec = LayerSpec(40, 1, 3)
+    new_graphs = []
+    for n, start in ((300, 0), (131, 0), (517, 0), (129, 0), (700, 0), (400, 250), (90, 0)):
+        q, k, v = random_qkv(2, 4, 2, n, 16, seed=n)
+        padding = left_padding(2, n, seed=n)
+        before = dynamo_utils.counters["stats"]["unique_graphs"]
+        layout = contiguous_layout(MaskInfo(start, padding), q[:, :, start:], k, v, spec)
+        with torch.no_grad():
+            out = flex.attend(q[:, :, start:], k, v, layout, spec, q.shape[-1] ** -0.5)
+        new_graphs.append(dynamo_utils.counters["stats"]["unique_graphs"] - before)
+        ref = reference(q, k, v, spec, padding)[:, start:]
+        assert_close_valid(out, ref, None if padding is None else padding[:, start:], atol=2e-5)
+    assert new_graphs[1:] == [0] * 6, new_graphs
+
+
 def test_flex_never_falls_back_to_eager_when_compiles_run_out(monkeypatch, caplog):
     """Past dynamo's recompile limit, flex_attention would run eagerly (the full score matrix):
     backend='flex' raises instead, and 'auto' logs and runs the sdpa band kernel."""
@@ -137,6 +161,52 @@ def test_flash_path_with_stand_in(monkeypatch, n, window, sinks, softcap, aux):
     s_aux = torch.randn(4) if aux else None
     out = run_backend(flash, q, k, v, spec, None, softcap, s_aux)
     torch.testing.assert_close(out, reference(q, k, v, spec, None, softcap, s_aux), atol=2e-5, rtol=0)
+
+
+def flash4_stand_in(q, k, v, softmax_scale=None, causal=False, window_size=(None, None), softcap=0.0,
+                    return_lse=False, **_):
+    """FlashAttention-4's documented signature (flash_attn/cute/interface.py, 4.0.0b36): ``None``
+    for an unbounded window side, ``return_lse`` gives ``(out, lse [B, H, Lq])``; the same window
+    semantics as FA2 (inclusive, bottom-right aligned)."""
+    assert all(w is None or w >= 0 for w in window_size), "FA4 spells unbounded as None, not -1"
+    window = tuple(-1 if w is None else w for w in window_size)
+    out, lse, _ = flash_stand_in(q, k, v, softmax_scale, causal, window, softcap)
+    return out, lse
+
+
+@pytest.mark.parametrize("n,window,sinks,softcap,aux,kv", [(200, 32, 0, None, False, 2), (200, 32, 4, None, False, 1),
+                                                           (200, 1, 3, 30.0, True, 2), (90, 100, 2, None, False, 4),
+                                                           (300, 299, 2, None, False, 2), (300, 300, 2, None, False, 2)])
+def test_flash4_path_with_stand_in(monkeypatch, n, window, sinks, softcap, aux, kv):
+    from swa_patch.backends import flash4
+    monkeypatch.setattr(flash, "flash4_attn_func", flash4_stand_in)
+    monkeypatch.setattr(flash, "flash_attn_func", None)            # the FA2 kernel must not be called
+    spec = LayerSpec(window, 1, sinks)
+    q, k, v = random_qkv(2, 4, kv, n, 16)
+    s_aux = torch.randn(4) if aux else None
+    out = run_backend(flash4, q, k, v, spec, None, softcap, s_aux)
+    ref = reference(q, k, v, spec, None, softcap, s_aux)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+    for wrong in (LayerSpec(window - 1, 1, sinks), LayerSpec(window + 1, 1, sinks)):
+        if wrong.window >= 1 and not torch.equal(reference_mask(wrong, n), reference_mask(spec, n)):
+            assert (out - reference(q, k, v, wrong, None, softcap, s_aux)).abs().max() > 2e-5   # W-1, W+1 rejected
+
+
+def test_auto_prefers_flash4_then_flash_and_never_for_padding(monkeypatch):
+    from swa_patch import attention
+    from swa_patch.backends import FLASH_KERNELS, _installed, check_available
+
+    class FakeQ:   # choose_backend reads only these attributes: a CUDA query stand-in
+        shape, is_cuda, requires_grad = (1, 2, 4096, 8), True, False
+    for have, want in ((("flash", "flash4"), "flash4"), (("flash",), "flash"), ((), "flex")):
+        monkeypatch.setattr(attention, "flash_available", lambda kernel="flash", have=have: kernel in have)
+        assert attention.choose_backend("auto", FakeQ, LayerSpec(64), KeyLayout(0, 0)) == want
+        padded = KeyLayout(0, 0, key_real=torch.ones(1, 4096, dtype=torch.bool))
+        assert attention.choose_backend("auto", FakeQ, LayerSpec(64), padded) == "flex"
+    with pytest.raises(ValueError, match="flash4.*CUDA"):
+        check_available("flash4", torch.device("cpu"))
+    assert not _installed("no_such_package_xyz.cute")
+    assert set(FLASH_KERNELS) == {"flash", "flash4"}
 
 
 def test_flash_stand_in_window_convention():

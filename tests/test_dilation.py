@@ -21,7 +21,7 @@ from swa_patch.backends.layout import KeyLayout
 from swa_patch.families import native_full_layers
 from swa_patch.masks import LayerSpec, reference_mask
 from swa_patch.patch import layer_specs
-from tests.models import per_head, reference_attention, tiny_model
+from tests.models import assert_matches_reference_only, per_head, tiny_model
 
 
 def dense_reference(q, k, v, spec, attention_mask, scale):
@@ -156,7 +156,7 @@ def test_flash_rejects_dilation():
 def test_auto_never_picks_flash_for_dilation(monkeypatch, caplog):
     from swa_patch import attention
 
-    monkeypatch.setattr(attention, "flash_available", lambda: True)
+    monkeypatch.setattr(attention, "flash_available", lambda kernel="flash": kernel == "flash")
     q = torch.zeros(1, 2, 4096, 8)
 
     class FakeQ:   # choose_backend reads only these attributes: a CUDA query stand-in
@@ -186,10 +186,8 @@ def compare_with_reference(model, ids, mask, options, atol=2e-4):
             got = model(input_ids=ids, attention_mask=mask).logits
     finally:
         unpatch_model(model)
-    with reference_attention(model, specs, n, mask), torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).logits
-    real = mask.bool()
-    torch.testing.assert_close(got[real], want[real], atol=atol, rtol=atol)
+    # the reference, and the same tolerance rejects W-1, W+1, dilation+1 and the unpatched model
+    assert_matches_reference_only(model, got, specs, ids, mask, atol=atol, rtol=atol)
     return specs
 
 

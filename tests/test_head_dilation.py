@@ -107,7 +107,7 @@ def test_auto_picks_a_kernel_per_head_group(monkeypatch):
     on a kernel that can express dilation (never flash, never a silent dense fallback)."""
     from swa_patch import attention
 
-    monkeypatch.setattr(attention, "flash_available", lambda: True)
+    monkeypatch.setattr(attention, "flash_available", lambda kernel="flash": kernel == "flash")
 
     class FakeQ:   # choose_backend reads only these attributes: a CUDA query stand-in
         shape, is_cuda, requires_grad = (1, 2, 4096, 8), True, False

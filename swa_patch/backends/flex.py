@@ -5,6 +5,11 @@ index and calls :func:`swa_patch.masks.slot_mask`, so flex sees exactly the refe
 and skips every block that mask leaves empty.  A dilated window is first permuted into its
 ``d`` residue classes (stream index mod d), where it is ``d`` plain bands: the block mask
 then touches no more blocks than the undilated window does.
+
+An undilated window runs in chunks of a fixed shape (``CHUNK`` queries against their
+``CHUNK + span - 1`` band keys plus the sink slots; padding rows and keys are masked, so
+their blocks are skipped): one compiled kernel serves every prompt length, where a call per
+length would compile anew for each (seconds to minutes on CPU).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from .layout import KeyLayout
 
 
 BLOCK_SIZE = {"cpu": 64, "cuda": 128}   # 64 wastes less of a band on CPU (measured)
+CHUNK = {"cpu": 2048, "cuda": 8192}     # queries per call of the fixed-shape window kernel
 # Each new query/key length, dtype, head count or mask kind is a recompile.  Dynamo's default
 # limit (8) is reached by an ordinary mix of prefill lengths, and past it dynamo runs
 # flex_attention *eagerly*, which materialises the whole score matrix: dense memory, the
@@ -77,6 +83,8 @@ def attend(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap=None, s_a
     if s_aux is not None and q.device.type == "cpu":
         raise RuntimeError("backend='flex' cannot apply learned sink logits (s_aux) on CPU: compiled "
                            "FlexAttention on CPU returns no log-sum-exp; use backend='sdpa' or 'auto'")
+    if spec.window is not None and spec.dilation == 1 and layout.key_index is None:
+        return _attend_chunks(q, k, v, layout, spec, scale, softcap, s_aux)
     b, _, lq, _ = q.shape
     lk, n_s = k.shape[2], layout.n_sinks
     d = spec.dilation if spec.window is not None else 1
@@ -103,21 +111,83 @@ def attend(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap=None, s_a
                                    None, lq, n_s + lk, device=dev, BLOCK_SIZE=BLOCK_SIZE[dev.type])
         if layout.memo is not None:
             layout.memo[memo_key] = block_mask
-    score_mod = None
-    if softcap:
-        def score_mod(score, b_, h_, qi, kj):
-            return torch.tanh(score / softcap) * softcap
-    result = _run_compiled(flex_attention, dev.type, q, k, v, score_mod=score_mod, block_mask=block_mask,
-                           scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_lse=s_aux is not None)
-    out = result
-    if s_aux is not None:   # one extra softmax column per head, value zero
-        out, lse = result
-        out = out * torch.sigmoid(lse - s_aux.float().view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
+    out = _flex(q, k, v, block_mask, scale, softcap, s_aux)
     if aligned:
         out = _from_classes(out, d)
     elif d > 1:
         out = out[:, :, torch.argsort(q_perm)]
     return out.transpose(1, 2)
+
+
+def _flex(q, k, v, block_mask, scale, softcap, s_aux):
+    """One compiled flex_attention call -> ``[B, H, Lq, D]``; softcap as a score_mod, GPT-OSS
+    learned sinks through the log-sum-exp."""
+    score_mod = None
+    if softcap:
+        def score_mod(score, b_, h_, qi, kj):
+            return torch.tanh(score / softcap) * softcap
+    result = _run_compiled(flex_attention, q.device.type, q, k, v, score_mod=score_mod, block_mask=block_mask,
+                           scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_lse=s_aux is not None)
+    if s_aux is None:
+        return result
+    out, lse = result       # one extra softmax column per head, value zero
+    return out * torch.sigmoid(lse - s_aux.float().view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
+
+
+def _attend_chunks(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap, s_aux):
+    """An undilated window in fixed-shape calls: chunk ``t`` holds queries at stream indices
+    ``a .. a + C - 1`` (``a = q_start + t*C``) and the keys ``a - span + 1 .. a + C - 1``
+    (zero-padded outside the given keys, masked), after the sink slots.  Every call has the
+    same shapes, and the mask_mod reads positions from tensors, so the kernels compile once
+    per layer spec whatever the prompt length."""
+    from .sdpa import _band_keys
+
+    b, h, lq, _ = q.shape
+    dev, n_s, span = q.device, layout.n_sinks, spec.span
+    c = CHUNK[dev.type]
+    chunks = -(-lq // c)
+    kc = c + span - 1
+    real = (torch.ones(b, k.shape[2], dtype=torch.bool, device=dev) if layout.key_real is None
+            else layout.key_real)
+    k, v, real = _band_keys(k, v, real, layout.q_start - span + 1 - layout.k_start, (chunks - 1) * c + kc)
+    q = torch.nn.functional.pad(q, (0, 0, 0, chunks * c - lq))
+    q_end = torch.tensor(layout.q_start + lq, device=dev)
+    outs = []
+    for t in range(chunks):
+        memo_key = ("flex-chunk", spec, layout.q_start, layout.k_start, lq, n_s, t)
+        block_mask = None if layout.memo is None else layout.memo.get(memo_key)
+        if block_mask is None:
+            q0 = torch.tensor(layout.q_start + t * c, device=dev)
+            mask_mod = _chunk_mask_mod(spec, q0, q_end, real[:, t * c:t * c + kc].contiguous(), layout, n_s)
+            block_mask = _run_compiled(create_block_mask, dev.type, mask_mod, b, None, c, n_s + kc, device=dev,
+                                       BLOCK_SIZE=BLOCK_SIZE[dev.type])
+            if layout.memo is not None:
+                layout.memo[memo_key] = block_mask
+        # contiguous chunks: a slice's strides depend on the prompt length, and dynamo guards on them
+        keys, values = layout.keys_with_sinks(k[:, :, t * c:t * c + kc].contiguous(),
+                                              v[:, :, t * c:t * c + kc].contiguous())
+        outs.append(_flex(q[:, :, t * c:(t + 1) * c].contiguous(), keys, values, block_mask, scale, softcap, s_aux))
+    return torch.cat(outs, dim=2)[:, :, :lq].transpose(1, 2)
+
+
+def _chunk_mask_mod(spec, q0, q_end, real, layout, n_s):
+    """mask_mod over (sink slots | chunk keys) of one chunk; ``q0``, ``q_end`` 0-d tensors."""
+    span = spec.span
+
+    def contiguous(b, h, qi, kj):
+        i, kc = q0 + qi, (kj - n_s).clamp(min=0)
+        return slot_mask(spec, i, q0 - span + 1 + kc, kj < 0, real[b, kc]) & (i < q_end)
+
+    if not n_s:
+        return contiguous
+    s_index, s_valid = layout.sink_index, layout.sink_valid
+
+    def with_sinks(b, h, qi, kj):
+        ks = kj.clamp(0, n_s - 1)
+        sink = slot_mask(spec, q0 + qi, s_index[b, ks], kj >= 0, s_valid[b, ks]) & (q0 + qi < q_end)
+        return torch.where(kj < n_s, sink, contiguous(b, h, qi, kj))
+
+    return with_sinks
 
 
 def _mask_mod(spec, q_pos, k_pos, real, layout, n_s):
