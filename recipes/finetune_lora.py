@@ -259,6 +259,18 @@ def evaluate(model, loader, accelerator, max_batches=None, teacher=None, tempera
     return {"loss": mean(losses), **({"kl": mean(kls)} if teacher is not None else {})}
 
 
+def log_rank_agreement(accelerator, params, step: int) -> None:
+    """Every process's fingerprint of its trainable weights, gathered to the log: the number of
+    processes that trained, and whether they hold the same weights (they must, under DDP)."""
+    fingerprint = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum(),
+                                            (p.detach().double().flatten()
+                                             * torch.arange(p.numel(), device=p.device)).sum()])
+                               for p in params]).flatten()
+    gathered = accelerator.gather(fingerprint[None]).cpu()
+    accelerator.log({"ranks/world_size": accelerator.num_processes,
+                     "ranks/fingerprints": gathered.tolist()}, step=step)
+
+
 def checkpoint_dirs(output: str) -> list[str]:
     root = os.path.join(output, "checkpoints")
     if not os.path.isdir(root):
@@ -397,6 +409,7 @@ def main(argv=None):
                 break
         epoch += 1
 
+    log_rank_agreement(accelerator, params, step)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
     unwrapped = accelerator.unwrap_model(model)

@@ -7,11 +7,12 @@ from that layer's spec.  It shares nothing with swa_patch but the mask predicate
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from swa_patch.masks import reference_mask
+from swa_patch.masks import LayerSpec, reference_mask
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -79,3 +80,40 @@ def reference_attention(model, specs, n: int, attention_mask=None, full_from=Non
         for h in hooks:
             h.remove()
         model.set_attn_implementation(previous)
+
+
+def wrong_specs(specs) -> dict:
+    """The ways a patch could be wrong by one: every window one key shorter or longer, every
+    dilation one larger, no window at all (the unpatched model)."""
+    def edit(**change):
+        return [s if s.window is None else dataclasses.replace(
+            s, **{k: max(1, f(s)) for k, f in change.items()}) for s in specs]
+    variants = {"unpatched": [LayerSpec(None)] * len(specs),
+                "W-1": edit(window=lambda s: s.window - 1), "W+1": edit(window=lambda s: s.window + 1)}
+    if any(s.window is not None and s.dilation > 1 and s.head_dilations is None for s in specs):
+        variants["dilation+1"] = edit(dilation=lambda s: s.dilation + 1 if s.head_dilations is None else s.dilation)
+    return variants
+
+
+def reference_logits(model, specs, ids, attention_mask=None, full_from=None) -> torch.Tensor:
+    """Logits of the unpatched ``model`` under the dense reference of ``specs``."""
+    with torch.no_grad(), reference_attention(model, specs, ids.shape[1], attention_mask, full_from):
+        return model(ids, attention_mask=attention_mask).logits
+
+
+def assert_matches_reference_only(model, out, specs, ids, attention_mask=None, full_from=None,
+                                  atol=1e-5, rtol=1e-5):
+    """``out`` (a patched model's logits) equals the dense reference of ``specs`` within the
+    tolerance, and the same tolerance rejects the reference of every wrong spec
+    (:func:`wrong_specs`) whose mask differs on this input.  ``model`` is unpatched."""
+    n = ids.shape[1]
+    real = torch.ones(ids.shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    ref = reference_logits(model, specs, ids, attention_mask, full_from)[real].to(out.dtype)
+    torch.testing.assert_close(out[real], ref, atol=atol, rtol=rtol)
+    masks = lambda ss: [reference_mask(s, n, attention_mask, full_from=full_from) for s in ss]
+    for name, wrong in wrong_specs(specs).items():
+        if all(torch.equal(a, b) for a, b in zip(masks(wrong), masks(specs))):
+            continue                                    # the same mask on this input: not a wrong answer
+        other = reference_logits(model, wrong, ids, attention_mask, full_from)[real].to(out.dtype)
+        excess = ((out[real] - other).abs() - (atol + rtol * other.abs())).max()
+        assert excess > 0, f"the tolerance atol={atol}, rtol={rtol} accepts the {name} model"

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from swa_patch import SWACache, make_cache, patch_model
 from tests.models import tiny_model
 
-torch.set_num_threads(1)     # tiny matrices: threads only contend on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny matrices (see conftest)
 
 W = 5
 NEW = 12

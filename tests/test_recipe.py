@@ -81,6 +81,10 @@ def test_two_process_run_learns_and_writes_everything(trained):
     assert sum(train[-3:]) / 3 < sum(train[:3]) / 3 - 0.1, train
     assert evals[8] < evals[0] - 0.1, evals
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_4", "step_8"]
+    (ranks,) = [r for r in rows if "ranks/world_size" in r]
+    assert ranks["ranks/world_size"] == 2 and len(ranks["ranks/fingerprints"]) == 2   # two processes trained
+    first, second = ranks["ranks/fingerprints"]
+    assert first == second and any(abs(x) > 0 for x in first)                       # and hold the same weights
     assert (out / "adapter_config.json").is_file() and (out / "swa_patch.json").is_file()
 
 
