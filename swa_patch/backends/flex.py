@@ -158,16 +158,21 @@ def _attend_chunks(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap, 
         block_mask = None if layout.memo is None else layout.memo.get(memo_key)
         if block_mask is None:
             q0 = torch.tensor(layout.q_start + t * c, device=dev)
-            mask_mod = _chunk_mask_mod(spec, q0, q_end, real[:, t * c:t * c + kc].contiguous(), layout, n_s)
+            mask_mod = _chunk_mask_mod(spec, q0, q_end, _fresh(real[:, t * c:t * c + kc]), layout, n_s)
             block_mask = _run_compiled(create_block_mask, dev.type, mask_mod, b, None, c, n_s + kc, device=dev,
                                        BLOCK_SIZE=BLOCK_SIZE[dev.type])
             if layout.memo is not None:
                 layout.memo[memo_key] = block_mask
-        # contiguous chunks: a slice's strides depend on the prompt length, and dynamo guards on them
-        keys, values = layout.keys_with_sinks(k[:, :, t * c:t * c + kc].contiguous(),
-                                              v[:, :, t * c:t * c + kc].contiguous())
-        outs.append(_flex(q[:, :, t * c:(t + 1) * c].contiguous(), keys, values, block_mask, scale, softcap, s_aux))
+        keys, values = layout.keys_with_sinks(_fresh(k[:, :, t * c:t * c + kc]), _fresh(v[:, :, t * c:t * c + kc]))
+        outs.append(_flex(_fresh(q[:, :, t * c:(t + 1) * c]), keys, values, block_mask, scale, softcap, s_aux))
     return torch.cat(outs, dim=2)[:, :, :lq].transpose(1, 2)
+
+
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    """A copy with standard strides.  A slice keeps the strides of the whole prompt (even where a
+    size-1 dimension makes it count as contiguous), and dynamo guards on strides: without the
+    copy every prompt length would compile anew."""
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def _chunk_mask_mod(spec, q0, q_end, real, layout, n_s):
