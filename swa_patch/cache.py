@@ -288,6 +288,7 @@ class FullLayer(_SWALayer):
         self.keys = key_states.new_zeros(b, h, 0, d)
         self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
         self.key_real = torch.zeros(b, 0, dtype=torch.bool, device=key_states.device)
+        self.padded = False        # any pad seen: without, kernels take their unmasked paths
         self.is_initialized = True
 
     def _batch_tensors(self):
@@ -300,7 +301,8 @@ class FullLayer(_SWALayer):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.key_real = torch.cat([self.key_real, real], dim=1)
-        layout = KeyLayout(self.seen, 0, self.key_real, memo=step.memo)
+        self.padded = self.padded or step.real is not None
+        layout = KeyLayout(self.seen, 0, self.key_real if self.padded else None, memo=step.memo)
         if self.spec.decode_full:
             layout.full_from = self.owner.boundary(step, key_states.device)
             if self.spec.sinks:

@@ -352,3 +352,25 @@ def test_soak_100k_tokens_constant_memory():
             if i:
                 sizes.add(cache.nbytes())
     assert cache.get_seq_length() == 100_000 and len(sizes) == 1
+
+
+def test_full_layers_in_the_cache_keep_the_unmasked_causal_kernel(monkeypatch):
+    """A full-attention layer prefilled through the cache without padding runs torch's plain
+    causal SDPA (no [n, n] mask: O(n) memory, the fast kernel), and a padded one a masked call."""
+    from swa_patch.backends import sdpa
+    calls, plain_sdpa = [], sdpa.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.shape[-2], attn_mask is None, is_causal))
+        return plain_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", spy)
+    model = patch_model(tiny_model("llama"), window=[4, None], backend="sdpa")
+    ids = ids_for(30)
+    with torch.no_grad():
+        model(ids, cache=make_cache(model))
+        assert (30, True, True) in calls
+        calls.clear()
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        model(ids, attention_mask=mask, cache=make_cache(model))
+        assert (30, True, True) not in calls and (30, False, False) in calls
