@@ -13,8 +13,12 @@ side by side (attention, dilation, model prefill).
    flash kernel) vs the flex backend (and the sdpa band at 16k), forward and forward+backward,
    n = 16k and 32k, W = 512 and 4096; CUDA events, median of interleaved repeats; peak CUDA memory.
 3. Dilation at n=16k, W=512 (flex, forward, 32 heads): d=1 vs d=4 vs per-head (8 heads each at 1/2/4/8).
-4. Model prefill, SmolLM2-135M-shaped random Llama (30 layers), bf16, 16k and 32k tokens:
-   unpatched (sdpa) vs patched W=1024 (``auto``) vs transformers' Mistral ``sliding_window=1024``.
+4. Model prefill, SmolLM2-135M-shaped random Llama (30 layers), bf16, 8k/16k/32k tokens:
+   unpatched (sdpa) vs patched W=1024 (``auto``, ``flex``, ``sdpa``, and ``flash``/``flash4`` where
+   installed) vs transformers' Mistral ``sliding_window=1024``; a check that nothing compiles
+   inside the timed runs (the 16k anomaly of the first H200 run).
+Also: decode="full" (per-row boundaries) in every backend, and the flash-attn 2 /
+FlashAttention-4 kernels against the reference with a bf16 tolerance shown to reject W-1 and W+1.
 
     PYTHONPATH=. python benchmarks/gpu_check.py [--out DIR] [--quick] [--device cpu]
 
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 
 from swa_patch import make_cache, patch_model, unpatch_model
 from swa_patch.attention import LayerPlan, MaskInfo, run_plan
+from swa_patch.backends import flash_available
 from swa_patch.backends.layout import math_attention
 from swa_patch.masks import LayerSpec, reference_mask
 
@@ -49,12 +54,12 @@ def report(name: str, ok: bool, detail: str = ""):
         FAILURES.append(name)
 
 
-def attend(backend, q, k, v, spec, padding, scale):
-    return run_plan(LayerPlan(spec, backend), q, k, v, MaskInfo(0, padding), scaling=scale)
+def attend(backend, q, k, v, spec, padding, scale, full_from=None):
+    return run_plan(LayerPlan(spec, backend), q, k, v, MaskInfo(0, padding, full_from=full_from), scaling=scale)
 
 
-def reference(q, k, v, spec, padding, scale):
-    mask = reference_mask(spec, q.shape[2], padding, device=q.device)
+def reference(q, k, v, spec, padding, scale, full_from=None):
+    mask = reference_mask(spec, q.shape[2], padding, device=q.device, full_from=full_from)
     mask = mask[:, None] if mask.dim() == 3 else mask
     return math_attention(q.float(), k.float(), v.float(), mask, scale).transpose(1, 2)
 
@@ -63,7 +68,9 @@ def check_attention(dev, quick):
     n, heads, kv_heads, dim = (300, 8, 2, 32) if quick else (1000, 8, 2, 64)
     padding = torch.ones(2, n, dtype=torch.bool, device=dev)
     padding[1, :37] = False
-    specs = [LayerSpec(128, 1, 0), LayerSpec(128, 1, 4), LayerSpec(64, 4, 2), LayerSpec(64, PER_HEAD_8, 2)]
+    specs = [LayerSpec(128, 1, 0), LayerSpec(128, 1, 4), LayerSpec(64, 4, 2), LayerSpec(64, PER_HEAD_8, 2),
+             LayerSpec(128, 1, 4, decode_full=True)]
+    full_from = torch.tensor([n // 2, n - 40], device=dev)          # decode="full": per-row boundaries
     backends = ["eager", "sdpa"] + ([] if dev == "cpu" and quick else ["flex"])
     for dtype, tol in [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)]:
         g = torch.Generator(device=dev).manual_seed(0)
@@ -71,13 +78,37 @@ def check_attention(dev, quick):
         k = torch.randn(2, kv_heads, n, dim, device=dev, generator=g).to(dtype)
         v = torch.randn(2, kv_heads, n, dim, device=dev, generator=g).to(dtype)
         for spec in specs:
-            ref = reference(q, k, v, spec, padding, dim ** -0.5)
+            boundary = full_from if spec.decode_full else None
+            ref = reference(q, k, v, spec, padding, dim ** -0.5, boundary)
             for backend in backends:
                 with torch.no_grad():
-                    out = attend(backend, q, k, v, spec, padding, dim ** -0.5).float()
+                    out = attend(backend, q, k, v, spec, padding, dim ** -0.5, boundary).float()
                 err = (out - ref)[padding].abs().max().item()
                 report(f"attention {backend} {str(dtype)[6:]} W={spec.window} d={spec.head_dilations or spec.dilation} "
-                       f"sinks={spec.sinks}", err <= tol, f"max err {err:.2e} (tol {tol:.0e})")
+                       f"sinks={spec.sinks}{' decode=full' if spec.decode_full else ''}", err <= tol,
+                       f"max err {err:.2e} (tol {tol:.0e})")
+
+
+def check_flash_kernels(dev, quick):
+    """flash-attn 2 and FlashAttention-4 (when installed) against the reference in bf16, with a
+    tolerance shown to reject the same call with W-1 and W+1 (unpadded: padded batches go to sdpa)."""
+    kernels = [k for k in ("flash", "flash4") if dev == "cuda" and flash_available(k)]
+    if not kernels:
+        print("skip  flash kernels: neither flash-attn 2 nor FlashAttention-4 importable on this device")
+        return
+    n, dim, tol = 2000, 64, 2e-2
+    g = torch.Generator(device=dev).manual_seed(3)
+    q, k, v = (torch.randn(2, h, n, dim, device=dev, generator=g).to(torch.bfloat16) for h in (8, 2, 2))
+    for spec in (LayerSpec(256, 1, 0), LayerSpec(256, 1, 4), LayerSpec(255, 1, 4)):
+        ref = reference(q, k, v, spec, None, dim ** -0.5)
+        wrong = [reference(q, k, v, LayerSpec(spec.window + d, 1, spec.sinks), None, dim ** -0.5) for d in (-1, 1)]
+        for kernel in kernels:
+            with torch.no_grad():
+                out = attend(kernel, q, k, v, spec, None, dim ** -0.5).float()
+            err = (out - ref).abs().max().item()
+            off = min((out - w).abs().max().item() for w in wrong)
+            report(f"{kernel} bf16 W={spec.window} sinks={spec.sinks}", err <= tol < off,
+                   f"max err {err:.2e} (tol {tol:.0e}; W-1/W+1 differ by >= {off:.2e})")
 
 
 def check_backward(dev, quick):
@@ -187,6 +218,7 @@ def attention_calls(dev, n, window, dilation, grad, heads=32, kv_heads=32, dim=1
         return lambda: run_plan(LayerPlan(spec, backend), q, k, v, info, scaling=dim ** -0.5)
 
     calls = {"dense_sdpa": dense, "swa_flex": ours("flex"), "swa_sdpa": ours("sdpa")}
+    calls.update({f"swa_{k}": ours(k) for k in ("flash", "flash4") if dev == "cuda" and flash_available(k)})
     if grad:
         return {name: (lambda f=f: f().sum().backward()) for name, f in calls.items()}
     return {name: (lambda f=f: torch.no_grad()(f)()) for name, f in calls.items()}
@@ -255,7 +287,7 @@ def time_model(dev, quick, repeats):
     mistral = AutoModelForCausalLM.from_config(AutoConfig.for_model("mistral", sliding_window=1024, **shape),
                                                attn_implementation="sdpa", dtype=dtype).to(dev).eval()
     mistral.load_state_dict(llama.state_dict())
-    for n in ([2048] if quick else [16384, 32768]):
+    for n in ([2048] if quick else [8192, 16384, 32768]):
         ids = torch.randint(0, shape["vocab_size"], (1, n), device=dev)
 
         def prefill(model):
@@ -263,20 +295,25 @@ def time_model(dev, quick, repeats):
                 model(ids, use_cache=False, logits_to_keep=1)
 
         def run(method):
-            if method == "swa_auto":
-                patch_model(llama, window=1024)
+            if method.startswith("swa_"):
+                patch_model(llama, window=1024, backend=method[4:])
             try:
                 return cuda_time(lambda: prefill(mistral if method == "hf_sliding_mask" else llama), 1)
             finally:
                 unpatch_model(llama)
 
-        methods = ["dense_sdpa", "hf_sliding_mask", "swa_auto"]
+        methods = ["dense_sdpa", "hf_sliding_mask", "swa_auto", "swa_flex", "swa_sdpa"]
+        methods += [f"swa_{k}" for k in ("flash", "flash4") if dev == "cuda" and flash_available(k)]
         for method in methods:
-            run(method)                                                # warm-up
+            run(method)                                                # warm-up (compiles excluded)
+        import torch._dynamo.utils as dynamo_utils
+        graphs = dynamo_utils.counters["stats"]["unique_graphs"]
         times = {m: [] for m in methods}
         for _ in range(repeats):
             for method in methods:
                 times[method].append(run(method))
+        compiled = dynamo_utils.counters["stats"]["unique_graphs"] - graphs
+        report(f"model prefill n={n}: no compile inside the timed runs", compiled == 0, f"{compiled} new graphs")
         base = statistics.median(times["dense_sdpa"])
         for method in methods:
             ms = statistics.median(times[method])
@@ -319,7 +356,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--plot-only", type=Path, metavar="CSV", help="draw the PNG beside a CSV and stop")
-    parser.add_argument("--steps", nargs="+", default=["attention", "backward", "lengths", "model",
+    parser.add_argument("--steps", nargs="+", default=["attention", "flash_kernels", "backward", "lengths", "model",
                                                        "time_attention", "time_dilation", "time_model"])
     args = parser.parse_args()
     if args.plot_only:
@@ -331,7 +368,7 @@ def main():
     import transformers
     print("transformers", transformers.__version__, flush=True)
     steps = {"attention": check_attention, "backward": check_backward, "model": check_model,
-             "lengths": check_lengths}
+             "lengths": check_lengths, "flash_kernels": check_flash_kernels}
     for name in args.steps:
         t0 = time.time()
         try:

@@ -105,6 +105,32 @@ def train():
     return table(["tokens", "dense step s", "window step s", "speed-up", "dense peak MB", "window peak MB"], body)
 
 
+def long_range():
+    """The SWAA-style table: one row per configuration of benchmarks/long_range_study.py."""
+    data = rows("long_range_study.csv")
+    if not data:
+        return ""
+    lengths = [c.split("_")[1] for c in data[0] if c.startswith("passkey_") and not c.endswith("prompt_end")]
+    prefill = next(c for c in data[0] if c.startswith("prefill_s_"))
+    kv = next(c for c in data[0] if c.startswith("kv_mib_"))
+    tokens = prefill.rsplit("_", 1)[1]
+    header = (["configuration", "recall W/2", "recall 2W", "recall 8W", "reach (field)"]
+              + [f"passkey {int(n) // 1024}k" for n in lengths]
+              + ["held-out ppl", f"prefill {int(tokens) // 1024}k vs dense", f"KV MiB at {int(tokens) // 1024}k"])
+    body = []
+    for r in data:
+        label = r["config"] + (f" + LoRA ({r['adapter']})" if r["adapter"] else "")
+        keys = [r[f"passkey_{n}"] + (f" ({r[f'passkey_{n}_prompt_end']})" if r.get(f"passkey_{n}_prompt_end") else "")
+                for n in lengths]
+        body.append([label, r["recall_W/2"], r["recall_2W"], r["recall_8W"],
+                     f"{r['effective_reach']} ({r['receptive_field']})", *keys, r["heldout_ppl"],
+                     f"{float(r['prefill_speedup_vs_dense']):.2f}x", r[kv]])
+    meta = data[0]
+    return (f"SmolLM2-135M-Instruct, window {meta['window']}, `{meta['command']}` at {meta['commit']} "
+            f"({meta['date']}, {meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']}):\n\n"
+            + table(header, body))
+
+
 if __name__ == "__main__":
     print("### Prefill scaling\n\n" + prefill())
     print("\n### Decode with the rolling cache\n\n" + decode())
@@ -115,5 +141,8 @@ if __name__ == "__main__":
         "stream_chunked_vs_tbt.csv", ["chunk", "tokens", "ppl", "seconds", "tokens_per_s", "speedup_vs_token_by_token"]))
     print("\n### Dilation\n\n" + simple("dilation.csv", ["backend", "dilation", "n", "window", "median_s", "ratio_vs_d1"]))
     print("\n### LoRA training step (SmolLM2 shape, 2 layers, vocab 8192, W=1024)\n\n" + train())
+    print("\n### Long-range quality (SWAA reproduced)\n\n" + long_range())
+    from swa_patch.export import rules_table
+    print("\n### Serving: what each engine keeps\n\n" + rules_table())
     print("\n### SmolLM2-135M window fine-tune (held-out perplexity)\n\n" + simple(
         "smollm2_window_finetune.csv", ["source", "condition", "heldout_perplexity", "window", "sinks", "seq_len", "steps"]))

@@ -318,6 +318,11 @@ def main(argv=None):
         cpu=cpu, gradient_accumulation_steps=args.grad_accum, mixed_precision=args.mixed_precision,
         log_with=[JSONLTracker("metrics", os.path.join(args.output, "logs")), *args.log_with],
         project_dir=args.output, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" \
+            and accelerator.distributed_type != DistributedType.FSDP:
+        raise SystemExit(f"the accelerate config asks for FSDP, but accelerate runs {accelerator.distributed_type.value} "
+                         "here (it applies FSDP only to accelerator processes, never on the CPU): training would "
+                         "not be sharded. Use recipes/accelerate/cpu_2proc.yaml (DDP) on CPUs, fsdp.yaml on GPUs")
     set_seed(args.seed)
     tokenizer, model, load_kwargs = load_model(args, accelerator)
     train, held = build_data(args, tokenizer, accelerator)

@@ -29,6 +29,7 @@ from .patch import CONFIG_KEY, layer_specs, patch_model, patch_settings
 logger = logging.getLogger("swa_patch")
 
 NATIVE_KEY = "swa_patch_native"        # original values of the native fields we overwrote
+ABSENT = "swa_patch:absent"            # ... or this, for a field the original config did not have
 ADAPTER_FILE = "swa_patch.json"        # the block beside a peft adapter
 _DELETE = object()                     # _temporarily: attribute absent
 
@@ -90,23 +91,28 @@ def _is_gguf(model) -> bool:
     return quantizer is not None and getattr(method, "value", method) == "gguf"
 
 
-def save_pretrained(model, save_directory, base_load_kwargs: dict | None = None, **kwargs) -> None:
+def save_pretrained(model, save_directory, base_load_kwargs: dict | None = None, native_fields: dict | None = None,
+                    **kwargs) -> None:
     """Save a (patched) model, a ``peft`` model's adapter, or a GGUF-loaded model.
 
     ``base_load_kwargs`` (adapters only): keyword arguments needed to load the base again,
-    e.g. ``{"gguf_file": "model.gguf"}``.  ``kwargs`` go to ``save_pretrained``
-    (``is_main_process``, ``safe_serialization``, ...).  Reload with
-    :func:`swa_patch.from_pretrained` (patched) or plain transformers / peft (unpatched)."""
+    e.g. ``{"gguf_file": "model.gguf"}``.  ``native_fields``: the standard config fields to
+    write instead of :func:`native_window_fields` (what ``export_for_serving`` computes per
+    engine).  ``kwargs`` go to ``save_pretrained`` (``is_main_process``, ``safe_serialization``,
+    ...).  Reload with :func:`swa_patch.from_pretrained` (patched) or plain transformers / peft
+    (unpatched)."""
     save_directory = os.fspath(save_directory)
     if _is_peft(model):
         _save_adapter(model, save_directory, base_load_kwargs or {}, **kwargs)
         return
     if base_load_kwargs:
         raise TypeError("save_pretrained: base_load_kwargs applies to peft models only")
+    if native_fields is not None and patch_settings(model) is None:
+        raise ValueError("save_pretrained: native_fields needs a patched model")
     config = compat.text_config(model)
-    fields = native_window_fields(model)
+    fields = dict(native_window_fields(model) if native_fields is None else native_fields)
     if fields:
-        fields[NATIVE_KEY] = {k: getattr(config, k, None) for k in fields}
+        fields[NATIVE_KEY] = {k: getattr(config, k, ABSENT) for k in fields}
     gguf = _is_gguf(model)
     if gguf:   # weights are dequantised: save them as a plain checkpoint
         logger.info("swa_patch: saving a GGUF-loaded model as a plain %s checkpoint", model.dtype)
@@ -144,11 +150,19 @@ def from_pretrained(path, **kwargs):
         raise ValueError(f"{path}/config.json has no {CONFIG_KEY!r} block: it was not saved from a "
                          "patched model. Load it with transformers and call swa_patch.patch_model")
     settings = SWAConfig.from_dict(block)
-    for k, v in (getattr(text, NATIVE_KEY, None) or {}).items():
-        setattr(text, k, v)         # the model as it was before saving, then patched again
+    native = getattr(text, NATIVE_KEY, None) or {}
     for k in (CONFIG_KEY, NATIVE_KEY):
         if hasattr(text, k):
             delattr(text, k)
+    if text is config and any(v == ABSENT for v in native.values()):
+        # a field the model did not have may have changed the config class (transformers loads a
+        # Mistral config with layer_types as Ministral): rebuild the config from the saved type
+        with open(os.path.join(path, "config.json")) as f:
+            model_type = json.load(f)["model_type"]
+        data = {k: v for k, v in config.to_dict().items() if native.get(k) != ABSENT and k != "model_type"}
+        config = text = AutoConfig.for_model(model_type, **data)
+    for k, v in native.items():
+        _assign(text, {k: _DELETE if v == ABSENT else v})    # the model as it was before saving
     model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     return patch_model(model, settings=settings)
 

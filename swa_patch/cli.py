@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "swa_patch.receptive",
     "swa_patch.streaming",
     "swa_patch.retrieval",
+    "swa_patch.export",
     "swa_patch.commands",
 ]
 

@@ -43,15 +43,16 @@ def _tiny_checkpoint(folder: Path, tie: bool = False) -> None:
     LlamaForCausalLM(config).save_pretrained(folder)
 
 
-def _launch(args: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+def _launch(args: list[str], cwd: Path, processes: int = 2, config: str | None = None,
+            ok: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1"}
-    config = {1: "cpu_1proc.yaml", 2: "cpu_2proc.yaml"}[processes]
+    config = config or {1: "cpu_1proc.yaml", 2: "cpu_2proc.yaml"}[processes]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(RECIPES / "accelerate" / config), "--main_process_port", "0",
            str(RECIPES / "finetune_lora.py"), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
@@ -241,3 +242,15 @@ def test_distill_run_under_accelerate(tmp_path, processes):
     assert len([r for r in _metrics(out) if "eval/kl" in r]) == 2
     model = swa_patch.from_pretrained(out)
     assert swa_patch.patch.patch_settings(model.get_base_model()).window == 16
+
+
+def test_fsdp_on_cpu_is_refused_not_run_as_ddp(tmp_path):
+    """accelerate applies FSDP only to accelerator processes: with the FSDP config on two CPU
+    processes it would run plain DDP. The recipe says so instead of training unsharded."""
+    _tiny_checkpoint(tmp_path / "base")
+    (tmp_path / "train.txt").write_text(_text())
+    proc = _launch(["--config", str(RECIPES / "configs" / "tiny_test.yaml"), "--model", str(tmp_path / "base"),
+                    "--dataset", str(tmp_path / "train.txt"), "--output", str(tmp_path / "out")], tmp_path,
+                   config="cpu_fsdp_2proc.yaml", ok=False)
+    assert "asks for FSDP, but accelerate runs MULTI_CPU" in proc.stderr + proc.stdout
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
