@@ -4,13 +4,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
-
-import torch
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -41,27 +39,19 @@ def run_isolated(script: str, args: list[str]) -> dict:
 
 
 def provenance() -> dict:
-    """What produced a figure: the command line, the git commit (``+dirty`` with uncommitted
-    changes), the date, the machine and the library versions; one value per CSV column."""
-    import datetime
-    import shlex
-
-    import transformers
-
+    """What produced a figure: the command line (relative to the checkout), the git commit
+    (``+dirty`` with uncommitted changes), the date, the machine and the library versions."""
+    from swa_patch.provenance import run_info
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    return {"command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], root), *sys.argv[1:]]),
-            "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+    info = run_info()
+    info["command"] = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], root), *sys.argv[1:]])
+    return info
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
+    """``rows`` plus, in every row, what produced them (:func:`provenance`)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    env = provenance()
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
         writer.writeheader()

@@ -135,6 +135,8 @@ def reach_rows(args):
 
 
 def write_csv(path, rows):
+    from swa_patch.provenance import run_info
+    rows = [{**row, **run_info()} for row in rows]
     fields = sorted({key for row in rows for key in row}, key=lambda k: list(rows[0]).index(k)
                     if k in rows[0] else 99)
     with open(path, "w", newline="") as fh:

@@ -381,8 +381,10 @@ def main():
         print(f"-- {name}: {time.time() - t0:.0f} s", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         if ROWS:
+            from swa_patch.provenance import run_info
             for row in ROWS:
                 row.setdefault("device", device_name)
+                row.update({k: v for k, v in run_info().items() if k not in row})
             with open(args.out / "gpu_check.csv", "w", newline="") as fh:
                 fields = list(dict.fromkeys(key for row in ROWS for key in row))
                 writer = csv.DictWriter(fh, fieldnames=fields)

@@ -42,8 +42,8 @@ def attention_fn(method: str, n: int):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return hf
     backend = BACKEND_MODULES[method.removeprefix("swa_")]
-    info = MaskInfo(0, None)   # one per forward: the block mask is built once and shared by layers
-    def ours(q, k, v):
+    def ours(q, k, v):   # a new MaskInfo per call: the block mask is built inside the timed region,
+        info = MaskInfo(0, None)      # as the hf mask above is (a model builds each once per forward)
         return backend.attend(q, k, v, contiguous_layout(info, q, k, v, spec), spec, scale)
     return ours
 

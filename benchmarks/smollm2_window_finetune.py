@@ -79,13 +79,16 @@ def main():
         print(f"  reloaded with swa_patch.from_pretrained: {k:14s} {v:.3f}")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "smollm2_window_finetune.csv"), "w", newline="") as f:
+        from swa_patch.provenance import run_info
+        info = run_info()
         w = csv.writer(f)
         w.writerow(["source", "condition", "heldout_perplexity", "window", "sinks", "seq_len", "eval_tokens",
-                    "steps", "lr", "minutes"])
+                    "steps", "lr", "minutes", *info])
         for source, values in (("recipe_log", logged), ("reloaded", measured)):
             for k, v in values.items():
                 w.writerow([source, k, round(v, 4), args.window, args.sinks, args.seq_len,
-                            args.eval_batches * args.seq_len, args.max_steps, args.lr, round(minutes, 1)])
+                            args.eval_batches * args.seq_len, args.max_steps, args.lr, round(minutes, 1),
+                            *info.values()])
 
 
 def reload_and_measure(out: str, held: str, args) -> dict:

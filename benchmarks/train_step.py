@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -98,9 +97,6 @@ def main():
     for name in ("window", "layers", "vocab", "repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
-    import torch
-    import transformers
-
     import swa_patch
 
     if args.warmup < 0:
@@ -119,10 +115,9 @@ def main():
             r = json.loads(lines[-1][len("RESULT "):])
             print(f"n={n:6d} {mode:6s} step {r['step_s']:8.2f} s  peak +{r['peak_mb']:8.0f} MB", flush=True)
             rows.append(r)
-    meta = dict(window=args.window, layers=args.layers, vocab=args.vocab, threads=args.threads,
-                warmup=args.warmup, repeats=args.repeats,
-                device="cpu", cpu=platform.processor() or platform.machine(), torch=torch.__version__,
-                transformers=transformers.__version__, swa_patch=swa_patch.__version__)
+    from common import provenance
+    meta = dict(window=args.window, layers=args.layers, vocab=args.vocab, warmup=args.warmup, repeats=args.repeats,
+                device="cpu", swa_patch=swa_patch.__version__, **provenance())
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", newline="") as f:
         w = csv.writer(f)

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import gather_sinks
 from .backends.layout import KeyLayout

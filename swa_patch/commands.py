@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = {"prefill": "prefill_scaling.py", "decode": "cache_decode.py", "dilation": "dilation.py",
-              "train": "train_step.py"}
+              "train": "train_step.py", "long-range": "long_range_study.py", "prompts": "varying_prompts.py",
+              "all": "run_all.py"}
 
 
 def add_cli(subparsers) -> None:

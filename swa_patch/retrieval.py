@@ -319,18 +319,20 @@ def passkey_table(keys: list[PasskeyTrial]) -> dict[tuple[str, int, float], floa
 def write_csv(path, recalls: list[RecallRow], keys: list[PasskeyTrial], reach: dict) -> None:
     """One file, a ``probe`` column: ``copy`` rows (per configuration and distance) and
     ``passkey`` rows (per configuration, length, depth and trial)."""
+    from .provenance import run_info
+    info = run_info()
     fields = ["probe", "config", "distance", "trials", "nll_probe", "nll_control", "drop", "recall",
               "acc_probe", "acc_control", "effective_reach", "receptive_field",
-              "length", "depth", "trial", "key", "answer", "correct"]
+              "length", "depth", "trial", "key", "answer", "correct", *info]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in recalls:
             writer.writerow({"probe": "copy", **{k: _fmt(v) for k, v in asdict(r).items()},
                              "effective_reach": effective_reach(recalls, r.config) or "",
-                             "receptive_field": reach.get(r.config) or "all"})
+                             "receptive_field": reach.get(r.config) or "all", **info})
         for k in keys:
-            writer.writerow({"probe": "passkey", **asdict(k), "correct": int(k.correct)})
+            writer.writerow({"probe": "passkey", **asdict(k), "correct": int(k.correct), **info})
 
 
 def _fmt(v):

@@ -189,12 +189,15 @@ FIELDS = ["mode", "tokens", "ppl", "kv_bytes", "seconds", "tokens_per_s"]
 
 
 def write_csv(rows, path) -> None:
+    """One row per checkpoint, with what produced it (command, code, date, machine, versions)."""
+    from .provenance import run_info
+    info = run_info()
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=[*FIELDS, *info])
         writer.writeheader()
         for r in rows:
             writer.writerow({**asdict(r), "ppl": f"{r.ppl:.6f}", "seconds": f"{r.seconds:.4f}",
-                             "tokens_per_s": f"{r.tokens_per_s:.2f}"})
+                             "tokens_per_s": f"{r.tokens_per_s:.2f}", **info})
 
 
 def format_table(rows) -> str:

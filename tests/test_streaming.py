@@ -100,6 +100,7 @@ def test_csv_and_png_written(model, ids, tmp_path):
     assert len(got) == len(rows)
     assert {g["mode"] for g in got} == set(MODES)
     assert float(got[0]["ppl"]) == pytest.approx(rows[0].ppl, rel=1e-5)
+    assert got[0]["torch"] == torch.__version__ and got[0]["command"] and got[0]["commit"]   # provenance
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_table(rows)
     assert "recompute ppl" in table and len(table.splitlines()) == 2 + 3 + 1

@@ -1,0 +1,76 @@
+"""Regenerate every CPU figure of the README in one go, one recorded command per CSV.
+
+    python benchmarks/run_all.py [--only NAME ...] [--list]      # or: swa-patch bench all
+
+Runs each benchmark below in turn from this checkout (run it from a clean one, e.g. a
+``git worktree``, so the commit each CSV records is the code it measured), prints how long each
+took, then ``benchmarks/report.py``'s tables.  Every CSV carries its command, commit, date,
+machine and versions.  The figures are side-by-side ratios on a shared machine: re-running
+reproduces them within the noise the README states, not to the digit.  Expect ~5 hours on 2
+cores (the long-range study alone ~2.5 h).  attention_sinks_compare needs a virtualenv with
+attention-sinks 0.4 (``--venv``; skipped without one); the GPU figures come from gpu_check.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+R = "benchmarks/results"
+
+BENCHMARKS = {   # name: (command, minutes on 2 cores as last run here)
+    "prefill": (["benchmarks/prefill_scaling.py"], 45),
+    "decode": (["benchmarks/cache_decode.py"], 10),
+    "dilation": (["benchmarks/dilation.py", "--repeats", "9"], 6),
+    "train": (["benchmarks/train_step.py"], 20),
+    "stream_40k": (["-m", "swa_patch.cli", "stream", "--tokens", "40960", "--chunk", "512", "--window", "1020",
+                    "--sinks", "4", "--compare", "dense,window,sinks", "--max-tokens", "dense=4096",
+                    "--every", "2048", "--threads", "2", "--no-progress", "--csv", f"{R}/stream_smollm2_40k.csv",
+                    "--plot", f"{R}/stream_smollm2_40k.png"], 10),
+    "stream_chunked": (["benchmarks/stream_chunked.py"], 3),
+    "finetune": (["benchmarks/smollm2_window_finetune.py"], 8),
+    "varying_prompts": (["benchmarks/varying_prompts.py"], 10),
+    "long_range": (["benchmarks/long_range_study.py"], 150),
+    "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 10),
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run these only")
+    p.add_argument("--venv", help="virtualenv with attention-sinks 0.4 (for attention_sinks)")
+    p.add_argument("--list", action="store_true", help="print the commands and stop")
+    args = p.parse_args()
+    names = args.only or list(BENCHMARKS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    spent = {}
+    for name in names:
+        cmd, minutes = BENCHMARKS[name]
+        if name == "attention_sinks":
+            if not args.venv:
+                print(f"skip {name}: needs --venv (a virtualenv with attention-sinks 0.4)")
+                continue
+            cmd = [*cmd, "--venv", args.venv]
+        if name == "finetune":
+            from swa_patch.models import smollm2_files
+            cmd = [*cmd, "--smollm2-dir", str(smollm2_files()[0])]
+        line = " ".join([sys.executable, *cmd])
+        print(f"== {name} (~{minutes} min): {line}", flush=True)
+        if args.list:
+            continue
+        start = time.perf_counter()
+        subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, check=True)
+        spent[name] = (time.perf_counter() - start) / 60
+        print(f"== {name}: {spent[name]:.1f} min", flush=True)
+    if spent:
+        print("\n".join(f"{n:16s} {m:6.1f} min" for n, m in spent.items()))
+        print(f"{'total':16s} {sum(spent.values()):6.1f} min")
+        subprocess.run([sys.executable, "benchmarks/report.py"], cwd=ROOT, env=env, check=True)
+
+
+if __name__ == "__main__":
+    main()
