@@ -45,9 +45,11 @@ _boundaries: list = []
 def mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs) -> MaskInfo:
     padding = None
-    if attention_mask is not None and not bool(attention_mask.all()):
-        padding = attention_mask.bool()
-    return MaskInfo(int(q_offset), padding, full_from=_boundaries[-1] if _boundaries else None)
+    if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
+        padding = attention_mask.bool()          # compiled: no host sync to find out there is none
+    if not torch.is_tensor(q_offset):
+        q_offset = int(q_offset)
+    return MaskInfo(q_offset, padding, full_from=_boundaries[-1] if _boundaries else None)
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,7 @@ def choose_backend(requested: str, query, spec: LayerSpec, layout: KeyLayout, s_
     else:
         choice, why = "sdpa", f"short prefill ({lq} queries)"
     key = (requested, choice, why.split(" (")[0])
-    if key not in _logged:
+    if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         logger.info("swa_patch: backend=%r runs %r for %s", requested, choice, why)
     return choice

@@ -80,9 +80,7 @@ class SWACache(Cache):
         if positions == "shift" and decode_full:
             raise ValueError(f"layers {decode_full} decode fully (decode='full'): their cache keeps every key "
                              "at its original position; positions='shift' cannot apply, use 'original'")
-        layers = [SlidingLayer(self, i, s) if s.window is not None and not s.decode_full
-                  else FullLayer(self, i, s) for i, s in enumerate(specs)]
-        super().__init__(layers=layers)
+        super().__init__(layers=[self._make_layer(i, s) for i, s in enumerate(specs)])
         self.specs, self.position_mode, self.ropes = list(specs), positions, ropes
         spans = [s.span for s in specs if s.window is not None]
         self.keep = max((s.sinks for s in specs), default=0) + max(spans, default=1)
@@ -91,6 +89,11 @@ class SWACache(Cache):
         self.full_from: torch.Tensor | None = None   # [B] or [1] prompt boundary of decode_full layers
         self._step: _Step | None = None
         self._layouts: dict[int, KeyLayout] = {}
+
+    def _make_layer(self, layer_idx: int, spec: LayerSpec):
+        if spec.window is not None and not spec.decode_full:
+            return SlidingLayer(self, layer_idx, spec)
+        return FullLayer(self, layer_idx, spec)
 
     # ---- one forward -------------------------------------------------------------------
     def begin(self, q_len: int, attention_mask: torch.Tensor | None = None, batch_size: int = 1,
@@ -379,18 +382,19 @@ class SlidingLayer(_SWALayer):
         self.owner.publish(self.layer_idx, layout, kwargs)
         return keys, values
 
-    def _store_sinks(self, k, v, step: _Step, real) -> torch.Tensor:
-        """Copy the chunk's sink tokens into the sink slots; returns sink stream indices [B, S]."""
+    def _store_sinks(self, k, v, step: _Step, real, sync: bool = True) -> torch.Tensor:
+        """Copy the chunk's sink tokens into the sink slots (in place); returns sink stream
+        indices [B, S].  ``sync=False`` (static caches): no host sync, the copy runs every step."""
         s = self.spec.sinks
         first = self.owner.first_real
         sink_index = first[:, None] + torch.arange(s, device=k.device)
-        if not s or self.sinks_full:
+        if not s or (sync and self.sinks_full):
             return sink_index
         local = sink_index - step.start
         inside = (first[:, None] >= 0) & (local >= 0) & (local < step.length)
         local = local.clamp(0, step.length - 1)
         new = inside & real.gather(1, local)
-        if bool(new.any()):
+        if not sync or bool(new.any()):
             idx = local[:, None, :, None]
             gk = k.gather(2, idx.expand(-1, k.shape[1], -1, k.shape[3]))
             gv = v.gather(2, idx.expand(-1, v.shape[1], -1, v.shape[3]))
@@ -398,10 +402,11 @@ class SlidingLayer(_SWALayer):
                 rope = self.owner.ropes[self.layer_idx]
                 gk = rotate(gk, -(sink_index - self.owner.base)[:, None, :], rope)
             sel = new[:, None, :, None]
-            self.sink_k = torch.where(sel, gk, self.sink_k)
-            self.sink_v = torch.where(sel, gv, self.sink_v)
-            self.sink_filled = self.sink_filled | new
-            self.sinks_full = bool(self.sink_filled.all())   # no more device syncs per step
+            self.sink_k.copy_(torch.where(sel, gk, self.sink_k))
+            self.sink_v.copy_(torch.where(sel, gv, self.sink_v))
+            self.sink_filled |= new
+            if sync:
+                self.sinks_full = bool(self.sink_filled.all())   # no more device syncs per step
         return sink_index
 
     def _decode(self, k, v, step: _Step, real):

@@ -19,12 +19,12 @@ import functools
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
-from .attention import _boundaries
+from .attention import MaskInfo, _boundaries
 from .cache import SWACache, _PendingLayout
 from .rope import model_ropes
 from .state import layer_specs, patch_settings, patch_state
 
-MAKE_CACHE_OPTIONS = ("positions", "prompt_lengths")
+MAKE_CACHE_OPTIONS = ("positions", "prompt_lengths", "static", "max_cache_len")
 _CACHE_NAMES = ("cache", "past_key_values", "layer_past")
 
 
@@ -33,7 +33,10 @@ def make_cache(model, **options) -> SWACache:
 
     Options: ``positions`` ("original" | "shift"; default: the patch settings' mode);
     ``prompt_lengths`` (decode="full" models: an int, or one per row, counted from the start
-    of the stream with left pads; default: the first forward's input is the prompt).
+    of the stream with left pads; default: the first forward's input is the prompt);
+    ``static=True``: fixed-shape buffers and a tensor position, for ``torch.compile`` and CUDA
+    graphs (positions "original"; ``max_cache_len`` sizes full-attention layers), see
+    :mod:`swa_patch.static_cache`.
     """
     unknown = sorted(set(options) - set(MAKE_CACHE_OPTIONS))
     if unknown:
@@ -45,6 +48,12 @@ def make_cache(model, **options) -> SWACache:
     if positions not in ("original", "shift"):
         raise ValueError(f"positions must be 'original' or 'shift', got {positions!r}")
     specs = layer_specs(model)
+    if options.get("static"):
+        from .static_cache import StaticSWACache
+        if positions != "original":
+            raise ValueError("make_cache(static=True) supports positions='original' only: shift mode rebases its "
+                             "frame with a data-dependent re-rotation; pass positions='original' (or patch with it)")
+        return StaticSWACache(specs, options.get("max_cache_len"))
     ropes = model_ropes(model, len(specs)) if positions == "shift" else None
     cache = SWACache(specs, positions, ropes)
     if options.get("prompt_lengths") is not None:
@@ -173,11 +182,14 @@ def _announce_step(state: dict):
                              "swa_patch.original_attention(model) use the model's own caches")
         tokens = _tokens(args, kwargs)
         mask = kwargs.get("attention_mask")
+        if isinstance(mask, MaskInfo):       # generate() builds masks ahead for compileable caches
+            mask = mask.padding
+            kwargs = {**kwargs, "attention_mask": mask}
         if isinstance(mask, torch.Tensor) and mask.dim() != 2:
             raise ValueError("SWACache needs a 2-D attention_mask [batch, tokens] (or none)")
         positions = cache.begin(tokens.shape[1], mask, tokens.shape[0], tokens.device)
         if positions is None:
-            return None
+            return args, kwargs
         return args, {**kwargs, "position_ids": positions}
     return hook
 

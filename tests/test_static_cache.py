@@ -1,0 +1,106 @@
+"""make_cache(model, static=True): the same logits as the dynamic rolling cache, one compiled graph
+(fullgraph, no graph break, no recompile across evictions), compiled == eager over 2,000 steps,
+and transformers' compiled generate() path."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.utils as dynamo_utils
+from transformers.generation.configuration_utils import CompileConfig
+
+from models import tiny_model
+from swa_patch import make_cache, patch_model
+from swa_patch.static_cache import StaticSWACache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(**options):
+    options = {"window": 6, "sinks": 2, "positions": "original", "backend": "sdpa", **options}
+    return patch_model(tiny_model("llama"), **options)
+
+
+def _ids(n, b=1, seed=0):
+    return torch.randint(3, 97, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _stream(model, ids, cache, prompt, mask=None):
+    kw = lambda end: {} if mask is None else {"attention_mask": mask[:, :end]}
+    out = [model(ids[:, :prompt], cache=cache, **kw(prompt)).logits]
+    for t in range(prompt, ids.shape[1]):
+        out.append(model(ids[:, t:t + 1], cache=cache, **kw(t + 1)).logits)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("prompt", [1, 9])
+@pytest.mark.parametrize("options", [dict(), dict(window=[6, None]), dict(sinks=0), dict(window=[4, 7], sinks=3)])
+def test_static_cache_equals_the_dynamic_cache(options, prompt):
+    model = _model(**options)
+    ids = _ids(40, b=2, seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    dynamic = _stream(model, ids, make_cache(model), prompt, mask)
+    static = _stream(model, ids, make_cache(model, static=True, max_cache_len=64), prompt, mask)
+    real = mask.bool()
+    torch.testing.assert_close(static[real], dynamic[real], atol=1e-5, rtol=0)
+
+
+def test_one_graph_no_break_no_recompile_and_2000_compiled_steps_equal_eager():
+    model = _model(window=8, sinks=2)
+    prompt = _ids(12)
+    caches = {mode: make_cache(model, static=True) for mode in ("eager", "compiled")}
+    with torch.no_grad():
+        for cache in caches.values():
+            model(prompt, cache=cache)
+        step = lambda t, c: model(t, cache=c).logits[:, -1]
+        probe = make_cache(model, static=True)
+        model(prompt, cache=probe)
+        explanation = torch._dynamo.explain(step)(_ids(1), probe)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        compiled = torch.compile(step, fullgraph=True)
+        tokens = _ids(2000, seed=3)
+        compiled(tokens[:, :1], caches["compiled"])                  # the one compile
+        step(tokens[:, :1], caches["eager"])
+        graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+        worst = 0.0
+        for t in range(1, 2000):                                    # ~250 evictions of the ring
+            a = compiled(tokens[:, t:t + 1], caches["compiled"])
+            b = step(tokens[:, t:t + 1], caches["eager"])
+            worst = max(worst, (a - b).abs().max().item())
+        assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "recompiled after warm-up"
+    assert worst < 1e-4, worst
+    assert int(caches["compiled"].position) == 12 + 2000
+
+
+def test_compiled_generate_equals_eager_generate():
+    model = _model(window=[6, None])
+    ids = _ids(16, seed=5)
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True                  # transformers compiles on CUDA only unless told
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                               cache=make_cache(model, static=True, max_cache_len=64))
+        compiled = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                                  cache=make_cache(model, static=True, max_cache_len=64), compile_config=config)
+    assert hasattr(model, "_compiled_call")             # the decode steps ran the compiled forward
+    assert torch.equal(eager, compiled)
+
+
+def test_static_cache_refusals():
+    model = _model(window=[6, None])
+    with pytest.raises(ValueError, match=r"layers \[1\] use full attention and need max_cache_len"):
+        make_cache(model, static=True)
+    shifted = patch_model(tiny_model("llama"), window=6, sinks=2)            # default positions: shift
+    with pytest.raises(ValueError, match="positions='original' only"):
+        make_cache(shifted, static=True)
+    full_decode = patch_model(tiny_model("llama"), window=6, decode="full")
+    with pytest.raises(ValueError, match="decode fully"):
+        make_cache(full_decode, static=True)
+    cache = make_cache(_model(), static=True)
+    assert isinstance(cache, StaticSWACache) and cache.is_compileable
+    with pytest.raises(ValueError, match="cannot crop"):
+        cache.crop(-1)
+    small = make_cache(model, static=True, max_cache_len=10)
+    with pytest.raises(ValueError, match="past max_cache_len=10"), torch.no_grad():
+        model(_ids(12), cache=small)
