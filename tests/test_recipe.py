@@ -169,18 +169,22 @@ def test_longlora_option_trains_tied_embeddings_and_norms(tmp_path):
 
 
 # ---- distillation: the teacher is the same weights, adapter off, window off ----------------------
-def test_distill_teacher_is_the_original_model_and_alpha_zero_is_cross_entropy(tmp_path):
+@pytest.mark.parametrize("longlora", [False, True])
+def test_distill_teacher_is_the_original_model_and_alpha_zero_is_cross_entropy(tmp_path, longlora):
+    """The teacher (adapter off, window off) is exactly the original model, also when the
+    embeddings and norms are trained in full (LongLoRA: peft's modules_to_save, tied head)."""
     from accelerate import Accelerator
 
     from finetune_lora import distill_loss, lm_loss, load_model
     from transformers import AutoModelForCausalLM
 
-    _tiny_checkpoint(tmp_path / "base")
+    _tiny_checkpoint(tmp_path / "base", tie=longlora)
     args = parse_args(["--model", str(tmp_path / "base"), "--dataset", "d", "--output", "o", "--window", "8",
-                       "--sinks", "2", "--distill", "--no-gradient-checkpointing"])
+                       "--sinks", "2", "--distill", "--no-gradient-checkpointing"]
+                      + (["--train-embeddings-norms"] if longlora else []))
     _, model, _ = load_model(args, Accelerator(cpu=True))
-    for name, p in model.named_parameters():          # a non-zero adapter: student != teacher
-        if "lora_B" in name:
+    for name, p in model.named_parameters():          # trained weights: student != teacher
+        if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
     ids = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(0))
     original = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
