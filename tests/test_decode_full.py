@@ -102,8 +102,10 @@ def test_boundary_rows_differ_from_window_and_from_dense():
 
 
 # ---- model level: every family ---------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize("model_type", sorted(FAMILY_CONFIGS))
-def test_every_family_matches_reference_with_per_row_boundaries(model_type):
+def test_every_family_matches_reference_with_per_row_boundaries(model_type, backend):
+    """(flex: test_each_cpu_backend_in_a_model; flash: the stand-in at attention level.)"""
     model = tiny_model(model_type)
     n = 70
     ids = _ids(n)
@@ -111,7 +113,7 @@ def test_every_family_matches_reference_with_per_row_boundaries(model_type):
     mask[1, :6] = 0                                         # left padding in row 1
     prompt = torch.tensor([40, 55])
     with torch.no_grad():
-        patch_model(model, window=W, sinks=2, decode="full", backend="sdpa")
+        patch_model(model, window=W, sinks=2, decode="full", backend=backend)
         out = model(ids, attention_mask=mask, prompt_lengths=prompt).logits
         specs = layer_specs(model)
         unpatch_model(model)
