@@ -18,7 +18,8 @@ side by side (attention, dilation, model prefill).
    installed) vs transformers' Mistral ``sliding_window=1024``; a check that nothing compiles
    inside the timed runs (the 16k anomaly of the first H200 run).
 Also: decode="full" (per-row boundaries) in every backend, and the flash-attn 2 /
-FlashAttention-4 kernels against the reference with a bf16 tolerance shown to reject W-1 and W+1.
+FlashAttention-4 kernels against the reference with a bf16 tolerance shown to reject W-1 and W+1;
+the LoRA recipe under the FSDP accelerate config vs a single-process run (``--steps fsdp``).
 
     PYTHONPATH=. python benchmarks/gpu_check.py [--out DIR] [--quick] [--device cpu]
 
@@ -171,6 +172,45 @@ def check_model(dev, quick):
     report(f"model logits {dev} vs cpu (per-head dilation, sinks, padding, n={n})", err <= 2e-3, f"max err {err:.2e}")
     report(f"greedy generation with the rolling cache {dev} vs cpu",
            torch.equal(results["cpu"][1], results[dev][1]))
+
+
+def check_fsdp(dev, quick):
+    """The LoRA recipe under accelerate's FSDP config (on the GPUs present) against the same run
+    without FSDP: both learn, the sharded run saves one adapter that reloads patched, and their
+    held-out losses agree.  (On CPU accelerate runs FSDP configs as DDP: the recipe refuses.)"""
+    if dev != "cuda":
+        print("skip  fsdp (accelerate applies FSDP to accelerator processes only)")
+        return
+    import json
+    import subprocess
+    import tempfile
+
+    import swa_patch
+    from tests.test_recipe import RECIPES, _text, _tiny_checkpoint
+    work = Path(tempfile.mkdtemp())
+    _tiny_checkpoint(work / "base")
+    (work / "train.txt").write_text(_text())
+    losses = {}
+    for name, config in (("single", "gpu_1.yaml"), ("fsdp", "fsdp.yaml")):
+        out = work / name
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / config),
+               "--num_processes", str(max(1, torch.cuda.device_count()) if name == "fsdp" else 1),
+               "--mixed_precision", "no", str(RECIPES / "finetune_lora.py"), "--config",
+               str(RECIPES / "configs" / "tiny_test.yaml"), "--model", str(work / "base"), "--dataset",
+               str(work / "train.txt"), "--eval-fraction", "0.1", "--no-gradient-checkpointing", "--output", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            report(f"recipe under {config}", False, done.stderr[-500:])
+            return
+        rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+        evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
+        losses[name] = evals[-1]
+        reloaded = swa_patch.from_pretrained(out)
+        report(f"recipe under {config}: loss falls, adapter reloads patched",
+               evals[-1] < evals[0] and swa_patch.patch.patch_settings(reloaded.get_base_model()) is not None,
+               f"eval loss {evals[0]:.3f} -> {evals[-1]:.3f}")
+    gap = abs(losses["fsdp"] - losses["single"])
+    report("fsdp vs single-process held-out loss", gap < 0.05, f"{losses['fsdp']:.4f} vs {losses['single']:.4f}")
 
 
 # ---- timings ----------------------------------------------------------------------------------
@@ -357,7 +397,7 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--plot-only", type=Path, metavar="CSV", help="draw the PNG beside a CSV and stop")
     parser.add_argument("--steps", nargs="+", default=["attention", "flash_kernels", "backward", "lengths", "model",
-                                                       "time_attention", "time_dilation", "time_model"])
+                                                       "fsdp", "time_attention", "time_dilation", "time_model"])
     args = parser.parse_args()
     if args.plot_only:
         plot(args.plot_only, args.plot_only.with_suffix(".png"))
@@ -368,7 +408,7 @@ def main():
     import transformers
     print("transformers", transformers.__version__, flush=True)
     steps = {"attention": check_attention, "backward": check_backward, "model": check_model,
-             "lengths": check_lengths, "flash_kernels": check_flash_kernels}
+             "lengths": check_lengths, "flash_kernels": check_flash_kernels, "fsdp": check_fsdp}
     for name in args.steps:
         t0 = time.time()
         try:
