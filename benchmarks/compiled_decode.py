@@ -5,7 +5,7 @@ the static-shape cache, and at 32k tokens vs the unpatched model's own step at a
 
 One process, one thread by default; every figure is a median over ``--steps`` decode steps after
 warm-up steps (compiles excluded: the compiled step is traced once, before the timed region).
-Rows: patched (4 sinks + 1020 window, positions "original", ``make_cache(static=True)``) after a
+Rows: patched (4 sinks + 1020 window, positions "shift", ``make_cache(static=True)``) after a
 1k prompt, eager and compiled; the same at stream position ``--far``; the unpatched model
 (DynamicCache, and transformers' StaticCache compiled) after a 1k prompt.
 Writes benchmarks/results/compiled_decode.csv.
@@ -72,7 +72,7 @@ def main():
         compiled = torch.compile(lambda t: model(t, cache=static).logits, fullgraph=True)
         record("unpatched", args.prompt, True, ms_per_step(compiled, ids[:, args.prompt:args.prompt + 1], args.steps))
 
-        patch_model(model, window=1020, sinks=4, positions="original", backend="sdpa")
+        patch_model(model, window=1020, sinks=4, backend="sdpa")          # positions: shift (the default)
         for position in (args.prompt, args.far):
             cache = make_cache(model, static=True)
             for start in range(0, position, 2048):                # the prompt, eagerly, in chunks

@@ -382,9 +382,10 @@ class SlidingLayer(_SWALayer):
         self.owner.publish(self.layer_idx, layout, kwargs)
         return keys, values
 
-    def _store_sinks(self, k, v, step: _Step, real, sync: bool = True) -> torch.Tensor:
+    def _store_sinks(self, k, v, step: _Step, real, sync: bool = True, frame_base=None) -> torch.Tensor:
         """Copy the chunk's sink tokens into the sink slots (in place); returns sink stream
-        indices [B, S].  ``sync=False`` (static caches): no host sync, the copy runs every step."""
+        indices [B, S].  ``sync=False`` (static caches): no host sync, the copy runs every step.
+        ``frame_base``: the stream index at frame position 0 of ``k`` (default: the cache's)."""
         s = self.spec.sinks
         first = self.owner.first_real
         sink_index = first[:, None] + torch.arange(s, device=k.device)
@@ -400,7 +401,8 @@ class SlidingLayer(_SWALayer):
             gv = v.gather(2, idx.expand(-1, v.shape[1], -1, v.shape[3]))
             if self.owner.position_mode == "shift":     # store at frame position 0
                 rope = self.owner.ropes[self.layer_idx]
-                gk = rotate(gk, -(sink_index - self.owner.base)[:, None, :], rope)
+                base = self.owner.base if frame_base is None else frame_base
+                gk = rotate(gk, -(sink_index - base)[:, None, :], rope)
             sel = new[:, None, :, None]
             self.sink_k.copy_(torch.where(sel, gk, self.sink_k))
             self.sink_v.copy_(torch.where(sel, gv, self.sink_v))
@@ -418,16 +420,24 @@ class SlidingLayer(_SWALayer):
         layout = KeyLayout(step.start, 0, self.slot_real, memo=step.memo, key_index=self.slot_index)
         return self.keys, self.values, layout
 
+    def _stored_keys(self, slots: torch.Tensor) -> torch.Tensor:
+        """Buffered keys of ``slots`` as the chunk's attention needs them (in the current frame)."""
+        return self.keys[:, :, slots]
+
+    def _to_store(self, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Keys of stream indices ``idx`` as the buffer keeps them."""
+        return keys
+
     def _chunk(self, k, v, step: _Step, real):
         old = min(step.start, self.n - 1)
         slots = torch.arange(step.start - old, step.start, device=k.device) % self.n
-        keys = torch.cat([self.keys[:, :, slots], k], dim=2)
+        keys = torch.cat([self._stored_keys(slots), k], dim=2)
         values = torch.cat([self.values[:, :, slots], v], dim=2)
         key_real = torch.cat([self.slot_real[:, slots], real], dim=1)
         keep = min(self.n, old + step.length)
         end = step.start + step.length
         idx = torch.arange(end - keep, end, device=k.device)
-        self.keys[:, :, idx % self.n] = keys[:, :, -keep:]
+        self.keys[:, :, idx % self.n] = self._to_store(keys[:, :, -keep:], idx)
         self.values[:, :, idx % self.n] = values[:, :, -keep:]
         self.slot_index[idx % self.n] = idx
         self.slot_real[:, idx % self.n] = key_real[:, -keep:]

@@ -35,8 +35,7 @@ def make_cache(model, **options) -> SWACache:
     ``prompt_lengths`` (decode="full" models: an int, or one per row, counted from the start
     of the stream with left pads; default: the first forward's input is the prompt);
     ``static=True``: fixed-shape buffers and a tensor position, for ``torch.compile`` and CUDA
-    graphs (positions "original"; ``max_cache_len`` sizes full-attention layers), see
-    :mod:`swa_patch.static_cache`.
+    graphs (``max_cache_len`` sizes full-attention layers), see :mod:`swa_patch.static_cache`.
     """
     unknown = sorted(set(options) - set(MAKE_CACHE_OPTIONS))
     if unknown:
@@ -48,13 +47,10 @@ def make_cache(model, **options) -> SWACache:
     if positions not in ("original", "shift"):
         raise ValueError(f"positions must be 'original' or 'shift', got {positions!r}")
     specs = layer_specs(model)
+    ropes = model_ropes(model, len(specs)) if positions == "shift" else None
     if options.get("static"):
         from .static_cache import StaticSWACache
-        if positions != "original":
-            raise ValueError("make_cache(static=True) supports positions='original' only: shift mode rebases its "
-                             "frame with a data-dependent re-rotation; pass positions='original' (or patch with it)")
-        return StaticSWACache(specs, options.get("max_cache_len"))
-    ropes = model_ropes(model, len(specs)) if positions == "shift" else None
+        return StaticSWACache(specs, options.get("max_cache_len"), positions, ropes)
     cache = SWACache(specs, positions, ropes)
     if options.get("prompt_lengths") is not None:
         _require_decode_full(settings)

@@ -8,9 +8,15 @@ reads a value back to the host and nothing changes shape, so ``torch.compile(...
 fullgraph=True)`` traces one graph for every step (evictions included) and CUDA graphs can
 replay it.  Multi-token forwards (the prompt) run eagerly through the same buffers.
 
-Position mode ``original`` only: ``shift`` rebases its frame with a data-dependent re-rotation,
-which has no static form here yet (``make_cache`` refuses it).  decode="full" is refused too
-(its layers keep every key).
+Position mode ``shift`` needs no rebasing here: the ring keeps every key *position-free*
+(rotated to position 0).  A decode step gets position 0 for its query and key, and the buffer
+is rotated to each slot's true offset ``-(position - t)`` as it is read (the sinks to
+``-(S + span - 1 - k)``), so no position ever exceeds ``S + span`` and nothing depends on how
+long the stream is.  That read-side rotation costs O(span * head_dim) per layer and step, about
+what the dynamic cache's per-step copy of the ring (sinks prepended) costs.  A multi-token
+forward rotates the keys it reads into its frame and stores them back position-free.
+Full-attention layers are refused in shift mode, and decode="full" everywhere (their layers
+keep every key).
 """
 from __future__ import annotations
 
@@ -19,22 +25,27 @@ import torch
 from .backends.layout import KeyLayout
 from .cache import SlidingLayer, SWACache, _Step, _SWALayer
 from .masks import LayerSpec
+from .rope import LayerRope, rotate
 
 
 class StaticSWACache(SWACache):
     """:class:`SWACache` with fixed-size buffers and a tensor position (compileable)."""
 
-    def __init__(self, specs: list[LayerSpec], max_cache_len: int | None = None):
+    def __init__(self, specs: list[LayerSpec], max_cache_len: int | None = None, positions: str = "original",
+                 ropes: list[LayerRope] | None = None):
         decode_full = [i for i, s in enumerate(specs) if s.decode_full]
         if decode_full:
             raise ValueError(f"static=True: layers {decode_full} decode fully (decode='full') and keep every key; "
                              "use the default (dynamic) cache")
         full = [i for i, s in enumerate(specs) if s.window is None]
+        if full and positions == "shift":
+            raise ValueError(f"static=True with positions='shift': layers {full} use full attention, which would "
+                             "re-rotate their whole cache every step; use positions='original' or the dynamic cache")
         if full and (not isinstance(max_cache_len, int) or max_cache_len < 1):
             raise ValueError(f"static=True: layers {full} use full attention and need max_cache_len (an int >= 1, "
                              f"the longest stream the cache will hold), got {max_cache_len!r}")
         self.max_cache_len = max_cache_len
-        super().__init__(specs, "original")
+        super().__init__(specs, positions, ropes)
         self.position = torch.zeros((), dtype=torch.long)     # stream index of the next token
 
     def _make_layer(self, layer_idx: int, spec: LayerSpec):
@@ -49,8 +60,10 @@ class StaticSWACache(SWACache):
     def begin(self, q_len, attention_mask=None, batch_size=1, device=None, start=None):
         if self.position.device != torch.device(device) and not torch.compiler.is_compiling():
             self.position = self.position.to(device)
-        if q_len > 1 or self.first_real is None:        # the prompt: eager, python positions
+        if q_len > 1:                                   # the prompt: eager, python positions
             return super().begin(q_len, attention_mask, batch_size, device, start=int(self.position))
+        if self.first_real is None:                     # a stream that starts with one token
+            self.first_real = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         real = None
         if attention_mask is not None:
             if attention_mask.dim() != 2:
@@ -61,7 +74,12 @@ class StaticSWACache(SWACache):
         first = start.expand_as(self.first_real) if real is None else torch.where(real[:, 0], start, -1)
         self.first_real.copy_(torch.where(self.first_real < 0, first, self.first_real))
         self._step = _Step(start, 1, real, None)
+        if self.position_mode == "shift":        # query and key at position 0: the ring is position-free
+            return torch.zeros(self.first_real.shape[0], 1, dtype=torch.long, device=start.device)
         return None
+
+    def _rebase(self, new_base: int) -> None:
+        self.base = new_base                    # the buffers are position-free: nothing to re-rotate
 
     def _note_first_real(self, start, q_len, real, batch_size, device):
         previous = self.first_real
@@ -113,6 +131,24 @@ class _StaticMixin:
 class StaticSlidingLayer(_StaticMixin, SlidingLayer):
     is_compileable = True
 
+    def _frame_shift(self, idx: torch.Tensor) -> torch.Tensor:
+        """Where stream indices ``idx`` sit in the current frame (shift mode)."""
+        return (idx - self.owner.base)[None, None, :]
+
+    def _stored_keys(self, slots):
+        keys = self.keys[:, :, slots]
+        if self.owner.position_mode == "shift":
+            keys = rotate(keys, self._frame_shift(self.slot_index[slots]), self.owner.ropes[self.layer_idx])
+        return keys
+
+    def _to_store(self, keys, idx):
+        if self.owner.position_mode == "shift":
+            keys = rotate(keys, -self._frame_shift(idx), self.owner.ropes[self.layer_idx])
+        return keys
+
+    def shift_frame(self, delta, rope) -> None:
+        pass                                    # position-free: nothing depends on the frame
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if query_length == 1:
             return self.n, 0
@@ -136,13 +172,20 @@ class StaticSlidingLayer(_StaticMixin, SlidingLayer):
         self.slot_index.index_copy_(0, slot, pos.reshape(1))
         self.slot_real.index_copy_(1, slot, real)
         layout = KeyLayout(pos, 0, self.slot_real, key_index=self.slot_index)
+        keys, shift = self.keys, self.owner.position_mode == "shift"
+        if shift:            # each slot at its true offset from the query (at position 0)
+            keys = rotate(keys, (self.slot_index - pos)[None, None, :], self.owner.ropes[self.layer_idx])
         if self.spec.sinks:
-            sink_index = self._store_sinks(key_states, value_states, step, real, sync=False)
+            sink_index = self._store_sinks(key_states, value_states, step, real, sync=False,
+                                           frame_base=pos if shift else None)
             layout.sink_k, layout.sink_v = self.sink_k, self.sink_v
+            if shift:        # sink k directly before the oldest window slot
+                offset = self.spec.sinks + self.n - 1 - torch.arange(self.spec.sinks, device=pos.device)
+                layout.sink_k = rotate(self.sink_k, -offset, self.owner.ropes[self.layer_idx])
             layout.sink_index, layout.sink_valid = sink_index, self.sink_filled
         self.owner.publish(self.layer_idx, layout, kwargs)
         self._advance(1)
-        return self.keys, self.values
+        return keys, self.values
 
 
 class StaticFullLayer(_StaticMixin, _SWALayer):

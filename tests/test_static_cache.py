@@ -34,20 +34,24 @@ def _stream(model, ids, cache, prompt, mask=None):
 
 
 @pytest.mark.parametrize("prompt", [1, 9])
-@pytest.mark.parametrize("options", [dict(), dict(window=[6, None]), dict(sinks=0), dict(window=[4, 7], sinks=3)])
+@pytest.mark.parametrize("options", [dict(), dict(window=[6, None]), dict(sinks=0), dict(window=[4, 7], sinks=3),
+                                     dict(positions="shift"), dict(positions="shift", sinks=0),
+                                     dict(positions="shift", window=[4, 7], sinks=3)])
 def test_static_cache_equals_the_dynamic_cache(options, prompt):
+    """Streams many windows (and, in shift mode, many of the dynamic cache's rebases) long."""
     model = _model(**options)
-    ids = _ids(40, b=2, seed=1)
+    ids = _ids(70, b=2, seed=1)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     dynamic = _stream(model, ids, make_cache(model), prompt, mask)
-    static = _stream(model, ids, make_cache(model, static=True, max_cache_len=64), prompt, mask)
+    static = _stream(model, ids, make_cache(model, static=True, max_cache_len=128), prompt, mask)
     real = mask.bool()
     torch.testing.assert_close(static[real], dynamic[real], atol=1e-5, rtol=0)
 
 
-def test_one_graph_no_break_no_recompile_and_2000_compiled_steps_equal_eager():
-    model = _model(window=8, sinks=2)
+@pytest.mark.parametrize("positions", ["original", "shift"])
+def test_one_graph_no_break_no_recompile_and_2000_compiled_steps_equal_eager(positions):
+    model = _model(window=8, sinks=2, positions=positions)
     prompt = _ids(12)
     caches = {mode: make_cache(model, static=True) for mode in ("eager", "compiled")}
     with torch.no_grad():
@@ -73,8 +77,9 @@ def test_one_graph_no_break_no_recompile_and_2000_compiled_steps_equal_eager():
     assert int(caches["compiled"].position) == 12 + 2000
 
 
-def test_compiled_generate_equals_eager_generate():
-    model = _model(window=[6, None])
+@pytest.mark.parametrize("options", [dict(window=[6, None]), dict(positions="shift")])
+def test_compiled_generate_equals_eager_generate(options):
+    model = _model(**options)
     ids = _ids(16, seed=5)
     config = CompileConfig(fullgraph=True, mode="default")
     config._compile_all_devices = True                  # transformers compiles on CUDA only unless told
@@ -87,13 +92,33 @@ def test_compiled_generate_equals_eager_generate():
     assert torch.equal(eager, compiled)
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "olmo2"])
+def test_static_shift_mode_in_other_families_and_compiled(family):
+    """Partial rotary (GPT-NeoX) and another family: static shift == dynamic shift, and the
+    compiled step equals the eager one."""
+    model = patch_model(tiny_model(family), window=5, sinks=2, backend="sdpa")       # shift by default
+    ids = _ids(60, seed=4)
+    dynamic = _stream(model, ids, make_cache(model), 7)
+    static = _stream(model, ids, make_cache(model, static=True), 7)
+    torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=0)
+    caches = [make_cache(model, static=True) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids[:, :7], cache=cache)
+        step = lambda t, c: model(t, cache=c).logits
+        compiled = torch.compile(step, fullgraph=True)
+        for t in range(7, 60):
+            torch.testing.assert_close(compiled(ids[:, t:t + 1], caches[0]), step(ids[:, t:t + 1], caches[1]),
+                                       atol=1e-5, rtol=0)
+
+
 def test_static_cache_refusals():
     model = _model(window=[6, None])
     with pytest.raises(ValueError, match=r"layers \[1\] use full attention and need max_cache_len"):
         make_cache(model, static=True)
-    shifted = patch_model(tiny_model("llama"), window=6, sinks=2)            # default positions: shift
-    with pytest.raises(ValueError, match="positions='original' only"):
-        make_cache(shifted, static=True)
+    shifted = patch_model(tiny_model("llama"), window=[6, None], sinks=2)        # default positions: shift
+    with pytest.raises(ValueError, match="full attention, which would re-rotate"):
+        make_cache(shifted, static=True, max_cache_len=64)
     full_decode = patch_model(tiny_model("llama"), window=6, decode="full")
     with pytest.raises(ValueError, match="decode fully"):
         make_cache(full_decode, static=True)
