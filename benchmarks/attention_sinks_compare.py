@@ -1,8 +1,9 @@
 """Token-by-token streaming, swa_patch vs the attention_sinks 0.4 package, side by side.
 
 Same model (SmolLM2-135M, exported as a plain checkpoint), same token ids, same cache
-(4 sinks + 1020 recent), same threads; the two sides alternate ``--rounds`` times and the best
-tokens/s of each is kept.  attention_sinks pins transformers 4.34, so it runs from its own
+(4 sinks + 1020 recent, shift positions), same threads; the sides (attention_sinks, swa_patch
+eager, swa_patch with the static cache and a compiled decode step, compiled before the timed
+loop) alternate ``--rounds`` times and the best tokens/s of each is kept.  attention_sinks pins transformers 4.34, so it runs from its own
 virtualenv (see TRAPS.md):
 
     python -m venv /tmp/asvenv --system-site-packages
@@ -29,18 +30,27 @@ from common import RESULTS, print_table, write_csv  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def ours(export: str, tokens: int, sinks: int, window: int, threads: int) -> dict:
+def ours(export: str, tokens: int, sinks: int, window: int, threads: int, compiled: bool = False) -> dict:
+    """Token by token through make_cache(model); ``compiled``: the static cache and one
+    torch.compile(fullgraph=True) decode step, compiled before the timed loop (on another cache)."""
     from transformers import AutoModelForCausalLM
     from swa_patch import make_cache, patch_model
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(f"{export}/model", dtype=torch.float32).eval()
     patch_model(model, window=window, sinks=sinks)
     ids = torch.load(f"{export}/ids.pt")[:tokens]
-    cache, nll, seconds = make_cache(model), 0.0, 0.0
+    step = lambda t, c: model(t, cache=c).logits
+    if compiled:
+        step = torch.compile(step, fullgraph=True)
+        warm = make_cache(model, static=True)
+        with torch.no_grad():
+            for t in range(8):
+                step(ids[None, t:t + 1], warm)
+    cache, nll, seconds = make_cache(model, static=compiled), 0.0, 0.0
     with torch.no_grad():
         for t in range(ids.numel() - 1):
             t0 = time.perf_counter()
-            logits = model(ids[None, t:t + 1], cache=cache).logits
+            logits = step(ids[None, t:t + 1], cache)
             seconds += time.perf_counter() - t0
             nll += torch.nn.functional.cross_entropy(logits[0, -1:].float(), ids[t + 1:t + 2]).item()
     n = ids.numel() - 1
@@ -72,7 +82,9 @@ def main():
     for _ in range(args.rounds):
         for name, fn in (("attention_sinks", lambda: theirs(args.venv, args.export, args.tokens, args.sinks,
                                                               args.window, args.threads)),
-                         ("swa_patch", lambda: ours(args.export, args.tokens, args.sinks, args.window, args.threads))):
+                         ("swa_patch", lambda: ours(args.export, args.tokens, args.sinks, args.window, args.threads)),
+                         ("swa_patch_compiled", lambda: ours(args.export, args.tokens, args.sinks, args.window,
+                                                             args.threads, compiled=True))):
             r = fn()
             print(name, r, flush=True)
             if name not in best or r["tokens_per_s"] > best[name]["tokens_per_s"]:
@@ -86,7 +98,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar([r["method"] for r in rows], [r["tokens_per_s"] for r in rows], color=["gray", "tab:blue"])
+    ax.bar([r["method"] for r in rows], [r["tokens_per_s"] for r in rows], color=["gray", "tab:blue", "tab:green"])
     ax.set(ylabel="tokens / s (token by token)", title=f"SmolLM2-135M, cache {args.sinks}+{args.window}")
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "attention_sinks_compare.png"), dpi=110)
