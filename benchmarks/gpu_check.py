@@ -131,7 +131,7 @@ def check_backward(dev, quick):
 
 
 def check_lengths(dev, quick):
-    """Several prefill lengths in a row (compiled static, then dynamic on CUDA): every one
+    """Several prefill lengths in a row (each compiled for its shape): every one
     against the reference, and the peak memory of a compiled call stays below one dense score
     matrix (an eager fallback would hold several)."""
     spec = LayerSpec(128, 1, 4)
@@ -249,15 +249,17 @@ def attention_calls(dev, n, window, dilation, grad, heads=32, kv_heads=32, dim=1
     q = torch.randn(1, heads, n, dim, device=dev, dtype=dtype, generator=g).requires_grad_(grad)
     k, v = (torch.randn(1, kv_heads, n, dim, device=dev, dtype=dtype, generator=g).requires_grad_(grad) for _ in "kv")
     spec = LayerSpec(window, dilation)
-    info = MaskInfo(0, None)      # shared across calls: the block mask is built once, as in a model
+    shared = MaskInfo(0, None)      # the block mask built once and reused, as layers 2..L of a forward do
 
     def dense():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
 
-    def ours(backend):
-        return lambda: run_plan(LayerPlan(spec, backend), q, k, v, info, scaling=dim ** -0.5)
+    def ours(backend, info=None):
+        """``info=None``: a fresh MaskInfo per call, so flex builds its block mask inside the timed call."""
+        return lambda: run_plan(LayerPlan(spec, backend), q, k, v, info or MaskInfo(0, None), scaling=dim ** -0.5)
 
-    calls = {"dense_sdpa": dense, "swa_flex": ours("flex"), "swa_sdpa": ours("sdpa")}
+    calls = {"dense_sdpa": dense, "swa_flex": ours("flex"), "swa_flex_kernel": ours("flex", shared),
+             "swa_sdpa": ours("sdpa")}
     calls.update({f"swa_{k}": ours(k) for k in ("flash", "flash4") if dev == "cuda" and flash_available(k)})
     if grad:
         return {name: (lambda f=f: f().sum().backward()) for name, f in calls.items()}
@@ -299,7 +301,7 @@ def time_dilation(dev, quick, repeats):
     heads = 8 if quick else 32
     per_head = tuple(sorted(PER_HEAD_8 * (heads // 8)))        # consecutive heads share a dilation
     settings = {"1": 1, "4": 4, f"per-head 1/2/4/8 x {heads // 4}": per_head}
-    calls = {label: attention_calls(dev, n, window, d, False, **shape)["swa_flex"] for label, d in settings.items()}
+    calls = {label: attention_calls(dev, n, window, d, False, **shape)["swa_flex_kernel"] for label, d in settings.items()}
     for fn in calls.values():
         fn()
     times = {label: [] for label in calls}
@@ -309,26 +311,31 @@ def time_dilation(dev, quick, repeats):
     base = statistics.median(times["1"])
     for label in calls:
         ms = statistics.median(times[label])
-        ROWS.append(dict(section="dilation", mode="fwd", method="swa_flex", n=n, window=window, dilation=label,
+        ROWS.append(dict(section="dilation", mode="fwd", method="swa_flex_kernel", n=n, window=window, dilation=label,
                          dtype="bfloat16", ms=round(ms, 3), speedup_vs_dense="", ratio_vs_d1=round(ms / base, 3)))
         print(f"dilation flex n={n} W={window} d={label}: {ms:.2f} ms, {ms / base:.2f}x d=1", flush=True)
 
 
-def time_model(dev, quick, repeats):
+def smollm2_shaped(dev, quick, dtype, family="llama", **extra):
+    """A random model of SmolLM2-135M's shape (30 layers, 9 heads, 3 KV heads, vocab 49152)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     shape = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=65536, tie_word_embeddings=True)
     if quick:
         shape.update(num_hidden_layers=2, vocab_size=1000)
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     torch.manual_seed(0)
-    llama = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **shape), attn_implementation="sdpa",
-                                             dtype=dtype).to(dev).eval()
-    mistral = AutoModelForCausalLM.from_config(AutoConfig.for_model("mistral", sliding_window=1024, **shape),
-                                               attn_implementation="sdpa", dtype=dtype).to(dev).eval()
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **shape, **extra), attn_implementation="sdpa",
+                                            dtype=dtype).to(dev).eval()
+
+
+def time_model(dev, quick, repeats):
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    llama = smollm2_shaped(dev, quick, dtype)
+    mistral = smollm2_shaped(dev, quick, dtype, "mistral", sliding_window=1024)
     mistral.load_state_dict(llama.state_dict())
+    shape = llama.config
     for n in ([2048] if quick else [8192, 16384, 32768]):
-        ids = torch.randint(0, shape["vocab_size"], (1, n), device=dev)
+        ids = torch.randint(0, shape.vocab_size, (1, n), device=dev)
 
         def prefill(model):
             with torch.no_grad():
@@ -345,7 +352,9 @@ def time_model(dev, quick, repeats):
         methods = ["dense_sdpa", "hf_sliding_mask", "swa_auto", "swa_flex", "swa_sdpa"]
         methods += [f"swa_{k}" for k in ("flash", "flash4") if dev == "cuda" and flash_available(k)]
         for method in methods:
+            t0 = time.time()
             run(method)                                                # warm-up (compiles excluded)
+            print(f"model prefill n={n} {method}: warm-up {time.time() - t0:.1f} s", flush=True)
         import torch._dynamo.utils as dynamo_utils
         graphs = dynamo_utils.counters["stats"]["unique_graphs"]
         times = {m: [] for m in methods}
@@ -360,6 +369,110 @@ def time_model(dev, quick, repeats):
             ROWS.append(dict(section="model_prefill", mode="fwd", method=method, n=n, window=1024, dilation=1,
                              dtype=str(dtype)[6:], ms=round(ms, 2), speedup_vs_dense=round(base / ms, 2)))
             print(f"model prefill n={n} {method:16s} {ms:9.1f} ms  {base / ms:5.2f}x unpatched", flush=True)
+
+
+def decode_ms(step, tok, steps: int, warmup: int = 3) -> float:
+    """Milliseconds per decode step (wall clock over ``steps`` greedy steps after ``warmup``)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            tok = step(tok)[:, -1:].argmax(-1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            tok = step(tok)[:, -1:].argmax(-1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
+def time_decode(dev, quick, repeats):
+    """Decode at stream position 32k, batch 1 and 32, bf16, SmolLM2 shape: swa_patch (4 sinks +
+    1020 window, ``make_cache(static=True)``) eager and compiled, and the unpatched model with
+    transformers' StaticCache compiled.  Compiled = ``torch.compile(step, fullgraph=True,
+    mode="reduce-overhead")`` (CUDA graphs), traced before the timed steps; the prompt is
+    prefilled in chunks (not timed)."""
+    from transformers import StaticCache
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    model = smollm2_shaped(dev, quick, dtype)
+    n, steps, chunk = (600, 6, 256) if quick else (32768, 32, 8192)
+    window, sinks = (60, 4) if quick else (1020, 4)
+    mode = "reduce-overhead" if dev == "cuda" else "default"
+
+    def prefill(cache, ids):
+        with torch.no_grad():
+            for start in range(0, ids.shape[1], chunk):
+                model(ids[:, start:start + chunk], cache=cache, logits_to_keep=1)
+
+    def compiled(cache):
+        return torch.compile(lambda t: model(t, cache=cache).logits, fullgraph=True, dynamic=False, mode=mode)
+
+    for batch in ((1, 2) if quick else (1, 32)):
+        ids = torch.randint(0, model.config.vocab_size, (batch, n), device=dev,
+                            generator=torch.Generator(device=dev).manual_seed(batch))
+        tok = ids[:, -1:]
+        ms = {}
+        static = StaticCache(config=model.config, max_cache_len=n + 2 * (steps + 3) + 8)
+        prefill(static, ids)
+        ms["dense_static_compiled"] = decode_ms(compiled(static), tok, steps)
+        del static
+        patch_model(model, window=window, sinks=sinks)
+        try:
+            cache = make_cache(model, static=True)
+            prefill(cache, ids)
+            ms["swa_eager"] = decode_ms(lambda t: model(t, cache=cache).logits, tok, steps)
+            ms["swa_compiled"] = decode_ms(compiled(cache), tok, steps)
+            del cache
+        finally:
+            unpatch_model(model)
+        for method, value in ms.items():
+            ROWS.append(dict(section="decode", mode=mode if "compiled" in method else "eager", method=method, n=n,
+                             window=window + sinks, dilation=1, dtype=str(dtype)[6:], ms=round(value, 3),
+                             speedup_vs_dense=round(ms["dense_static_compiled"] / value, 2), batch=batch,
+                             tokens_per_s=round(batch * 1e3 / value, 1),
+                             vs_swa_eager=round(ms["swa_eager"] / value, 2)))
+            print(f"decode at {n} batch={batch:2d} {method:22s} {value:8.2f} ms/step  {batch * 1e3 / value:9.0f} tok/s  "
+                  f"{ms['swa_eager'] / value:5.2f}x swa eager", flush=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+
+def time_train(dev, quick, repeats):
+    """One LoRA training step at 16k tokens as the recipe's GPU config runs it (fp32 weights,
+    bf16 autocast, LoRA r=16 on attention + MLP, gradient checkpointing, AdamW): dense causal
+    SDPA vs patched W=1024 (``auto``), step time and peak CUDA memory."""
+    from peft import LoraConfig, get_peft_model
+    n = 2048 if quick else 16384
+    model = smollm2_shaped(dev, quick, torch.float32)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=dev)
+    base_model = model.get_base_model()
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ms, peaks = {}, {}
+    for method in ("dense_sdpa", "swa_auto"):
+        if method == "swa_auto":
+            patch_model(base_model, window=1024)
+        step()                                                         # warm-up (compiles, optimizer state)
+        ms[method] = cuda_time(step, repeats)
+        peaks[method] = peak_mb(step)
+    unpatch_model(base_model)
+    for method in ms:
+        ROWS.append(dict(section="train_step", mode="fwd+bwd+adamw", method=method, n=n, window=1024, dilation=1,
+                         dtype="fp32+bf16 autocast", ms=round(ms[method], 2),
+                         speedup_vs_dense=round(ms["dense_sdpa"] / ms[method], 2), peak_mb=round(peaks[method], 1)))
+        print(f"LoRA train step n={n} {method:10s} {ms[method]:8.1f} ms  {ms['dense_sdpa'] / ms[method]:5.2f}x dense  "
+              f"peak {peaks[method]:.0f} MB", flush=True)
 
 
 def plot(csv_path: Path, png_path: Path):
@@ -395,13 +508,21 @@ def main():
     parser.add_argument("--quick", action="store_true", help="toy sizes (a dry run)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--deadline", type=float, default=None, metavar="S",
+                        help="skip the steps not yet begun once S seconds have passed (their figures: unmeasured)")
+    parser.add_argument("--stack-every", type=float, default=None, metavar="S",
+                        help="print every thread's Python stack each S seconds (where a stalled compile waits)")
     parser.add_argument("--plot-only", type=Path, metavar="CSV", help="draw the PNG beside a CSV and stop")
     parser.add_argument("--steps", nargs="+", default=["attention", "flash_kernels", "backward", "lengths", "model",
-                                                       "fsdp", "time_attention", "time_dilation", "time_model"])
+                                                       "fsdp", "time_attention", "time_dilation", "time_model",
+                                                       "time_decode", "time_train"])
     args = parser.parse_args()
     if args.plot_only:
         plot(args.plot_only, args.plot_only.with_suffix(".png"))
         return 0
+    if args.stack_every:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.stack_every, repeat=True)
     dev = args.device
     device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(device_name, "torch", torch.__version__, flush=True)
@@ -409,8 +530,12 @@ def main():
     print("transformers", transformers.__version__, flush=True)
     steps = {"attention": check_attention, "backward": check_backward, "model": check_model,
              "lengths": check_lengths, "flash_kernels": check_flash_kernels, "fsdp": check_fsdp}
+    started = time.time()
     for name in args.steps:
         t0 = time.time()
+        if args.deadline is not None and t0 - started > args.deadline:
+            print(f"-- {name}: skipped, past the {args.deadline:.0f} s deadline (unmeasured)", flush=True)
+            continue
         try:
             if name in steps:
                 steps[name](dev, args.quick)

@@ -63,6 +63,9 @@ def parse_args():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--train-config", default="sinks", help="the configuration LoRA trains on")
     p.add_argument("--heldout-fraction", type=float, default=0.2)
+    p.add_argument("--reuse-adapters", action="store_true",
+                   help="use the adapters an earlier run left in --work (same settings) instead of training anew; "
+                        "their training minutes are read from the recipe's metrics log")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="/tmp/swa_long_range_study")
     p.add_argument("--out", default=os.path.join(RESULTS, "long_range_study"), help="path stem of the outputs")
@@ -114,6 +117,13 @@ def train_adapter(args, kind: str, train: str, held: str) -> tuple[str, float]:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
     return out, (time.perf_counter() - start) / 60
+
+
+def logged_minutes(adapter_dir: str) -> float:
+    """Minutes between the first and last record of the recipe's metrics log."""
+    with open(os.path.join(adapter_dir, "logs", "metrics.jsonl")) as f:
+        times = [json.loads(line)["time"] for line in f if '"time"' in line]
+    return (max(times) - min(times)) / 60
 
 
 def load_variant(adapter_dir: str | None):
@@ -198,7 +208,12 @@ def main():
     train, held = split_text(args.work, args.heldout_fraction)
     adapters, minutes = {}, {}
     for kind in sorted({a for _, _, a in parsed if a}):
-        adapters[kind], minutes[kind] = train_adapter(args, kind, train, held)
+        earlier = os.path.join(args.work, f"lora_{kind}")
+        if args.reuse_adapters and os.path.exists(os.path.join(earlier, "adapter_config.json")):
+            adapters[kind], minutes[kind] = earlier, logged_minutes(earlier)
+            print(f"reusing the LoRA adapter in {earlier} (trained in {minutes[kind]:.1f} min)", flush=True)
+        else:
+            adapters[kind], minutes[kind] = train_adapter(args, kind, train, held)
 
     copies, keys, results = [], [], []
     for adapter in dict.fromkeys(a for _, _, a in parsed):
@@ -253,7 +268,7 @@ def main():
     meta = provenance()
     meta["settings"] = json.dumps({k: getattr(args, k) for k in ("window", "sinks", "trials", "span", "steps",
                                                                   "seq_len", "lr", "distill_alpha", "temperature",
-                                                                  "train_config", "ppl_blocks")})
+                                                                  "train_config", "ppl_blocks", "reuse_adapters")})
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*summary[0], *meta])

@@ -24,7 +24,7 @@ def left_padding(b, n, seed=0):
 
 def reference(q, k, v, spec: LayerSpec, padding=None, softcap=None, s_aux=None):
     """Eager attention with the explicit reference mask; -> [B, n, H, D]."""
-    mask = per_head(reference_mask(spec, q.shape[2], padding))
+    mask = per_head(reference_mask(spec, q.shape[2], padding, device=q.device))
     return math_attention(q, k, v, mask, q.shape[-1] ** -0.5, softcap, s_aux).transpose(1, 2)
 
 

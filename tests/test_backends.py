@@ -223,12 +223,37 @@ def test_flash_stand_in_window_convention():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("sinks", [0, 4])
 def test_real_flash_attn_kernel(sinks):
-    pytest.importorskip("flash_attn")
+    pytest.importorskip("flash_attn.flash_attn_interface")      # flash-attn 2 (FA4 ships flash_attn.cute only)
     spec = LayerSpec(128, 1, sinks)
     q, k, v = (t.cuda().half() for t in random_qkv(2, 8, 2, 1000, 64))
     out = run_backend(flash, q, k, v, spec)
     ref = reference(q.float(), k.float(), v.float(), spec)
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a Hopper or newer GPU")
+@pytest.mark.parametrize("sinks,softcap,aux", [(0, None, False), (4, None, False), (4, 30.0, True)])
+def test_real_flash4_kernel(sinks, softcap, aux):
+    """FlashAttention-4 against the dense reference in bf16, forward and backward, with a
+    tolerance that the same call with W-1 or W+1 fails."""
+    pytest.importorskip("flash_attn.cute")
+    from swa_patch.backends import flash4
+    spec = LayerSpec(128, 1, sinks)
+    q, k, v = (t.cuda().bfloat16().requires_grad_() for t in random_qkv(2, 8, 2, 1000, 64))
+    s_aux = torch.randn(8, device="cuda") if aux else None
+    out = run_backend(flash4, q, k, v, spec, None, softcap, s_aux)
+    ref = reference(q.float(), k.float(), v.float(), spec, None, softcap, s_aux)
+    err = (out.float() - ref).abs().max().item()
+    off = min((out.float() - reference(q.float(), k.float(), v.float(), LayerSpec(w, 1, sinks), None, softcap, s_aux))
+              .abs().max().item() for w in (127, 129))
+    assert err <= 2e-2 < off, (err, off)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.float())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.gpu

@@ -28,9 +28,12 @@ CHUNK = {"cpu": 2048, "cuda": 8192}     # queries per call of the fixed-shape wi
 # limit (8) is reached by an ordinary mix of prefill lengths, and past it dynamo runs
 # flex_attention *eagerly*, which materialises the whole score matrix: dense memory, the
 # silent fallback this package must never make (seen on an H200: 106 GB for one 16k call).
-# So: the limit is raised for these calls and reaching it raises FlexCompileLimit instead;
-# on CUDA lengths compile dynamic after the first (automatic dynamic shapes); the CPU code
-# generator fails on dynamic flex kernels (torch 2.13), so there every length compiles anew.
+# So: the limit is raised for these calls and reaching it raises FlexCompileLimit instead.
+# Kernels compile for static shapes on every device: an undilated window runs in fixed-shape
+# chunks (one kernel per layer spec whatever the length), a dilated one compiles per length.
+# Dynamic shapes are no way out: the CPU code generator fails on dynamic flex kernels (torch
+# 2.13), and on an H200 (torch 2.11) automatic dynamic shapes for a batch-dependent block mask
+# (padding) did not finish compiling in 9 minutes.
 RECOMPILE_LIMIT = 64
 
 
@@ -40,7 +43,7 @@ class FlexCompileLimit(RuntimeError):
 
 @functools.cache
 def _compiled(fn, device_type: str):
-    return torch.compile(fn, dynamic=None if device_type == "cuda" else False)
+    return torch.compile(fn, dynamic=False)
 
 
 def _run_compiled(fn, device_type: str, *args, **kwargs):
