@@ -422,7 +422,6 @@ def time_decode(dev, quick, repeats):
             prefill(cache, ids)
             ms["swa_eager"] = decode_ms(lambda t: model(t, cache=cache).logits, tok, steps)
             ms["swa_compiled"] = decode_ms(compiled(cache), tok, steps)
-            del cache
         finally:
             unpatch_model(model)
         for method, value in ms.items():
