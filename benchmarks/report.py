@@ -105,6 +105,20 @@ def train():
     return table(["tokens", "dense step s", "window step s", "speed-up", "dense peak MB", "window peak MB"], body)
 
 
+def varying_prompts():
+    """Total wall time of prompts of many lengths, compiles included, auto vs the sdpa band."""
+    data = rows("varying_prompts.csv")
+    if not data:
+        return ""
+    sdpa, auto = (sum(float(r[c]) for r in data) for c in ("sdpa_s", "auto_s"))
+    first = data[0]
+    body = [[len(data), f"{min(int(r['tokens']) for r in data)}–{max(int(r['tokens']) for r in data)}",
+             f(sdpa, 1), f(auto, 1), f(auto / sdpa, 3), f(max(float(r["auto_s"]) for r in data), 1)]]
+    return (f"{first['layers']} layers, W={first['window']}, `{first['command']}` at {first['commit']}:\n\n"
+            + table(["prompts", "tokens", "sdpa band total s", "auto total s", "auto / sdpa", "slowest auto prompt s"],
+                    body))
+
+
 def long_range():
     """The SWAA-style table: one row per configuration of benchmarks/long_range_study.py."""
     data = rows("long_range_study.csv")
@@ -137,6 +151,10 @@ if __name__ == "__main__":
     print("\n### Streaming SmolLM2-135M\n\n" + stream())
     print("\n### Token by token vs attention_sinks 0.4\n\n" + simple(
         "attention_sinks_compare.csv", ["method", "tokens", "ppl", "tokens_per_s", "speedup_vs_attention_sinks"]))
+    print("\n### Prompts of varying length through auto (compiles included)\n\n" + varying_prompts())
+    print("\n### Compiled decode (static cache)\n\n" + simple(
+        "compiled_decode.csv", ["method", "position", "compiled", "ms_per_token", "vs_eager_same_position",
+                                "vs_unpatched_1k_same_mode"]))
     print("\n### Chunked vs token-by-token streaming evaluation\n\n" + simple(
         "stream_chunked_vs_tbt.csv", ["chunk", "tokens", "ppl", "seconds", "tokens_per_s", "speedup_vs_token_by_token"]))
     print("\n### Dilation\n\n" + simple("dilation.csv", ["backend", "dilation", "n", "window", "median_s", "ratio_vs_d1"]))

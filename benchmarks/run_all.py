@@ -34,6 +34,7 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores as last run here)
     "stream_chunked": (["benchmarks/stream_chunked.py"], 3),
     "finetune": (["benchmarks/smollm2_window_finetune.py"], 8),
     "varying_prompts": (["benchmarks/varying_prompts.py"], 10),
+    "compiled_decode": (["benchmarks/compiled_decode.py"], 10),
     "long_range": (["benchmarks/long_range_study.py"], 150),
     "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 10),
 }
