@@ -32,8 +32,8 @@ CHUNK = {"cpu": 2048, "cuda": 8192}     # queries per call of the fixed-shape wi
 # Kernels compile for static shapes on every device: an undilated window runs in fixed-shape
 # chunks (one kernel per layer spec whatever the length), a dilated one compiles per length.
 # Dynamic shapes are no way out: the CPU code generator fails on dynamic flex kernels (torch
-# 2.13), and on an H200 (torch 2.11) automatic dynamic shapes for a batch-dependent block mask
-# (padding) did not finish compiling in 9 minutes.
+# 2.13), and on an H200 (torch 2.11) the first dilated call with padding (a batch-dependent
+# block mask) under automatic dynamic shapes stalled for 9 minutes without returning.
 RECOMPILE_LIMIT = 64
 
 
@@ -43,6 +43,7 @@ class FlexCompileLimit(RuntimeError):
 
 @functools.cache
 def _compiled(fn, device_type: str):
+    """One compiled wrapper per function and device type (each keeps its own dynamo cache)."""
     return torch.compile(fn, dynamic=False)
 
 
