@@ -86,7 +86,6 @@ def main():
     for r in rows:
         r["vs_eager_same_position"] = round(base[(r["method"], r["position"], False)] / r["ms_per_token"], 3)
         r["vs_unpatched_1k_same_mode"] = round(base[("unpatched", args.prompt, r["compiled"])] / r["ms_per_token"], 3)
-        r["threads"] = args.threads
     write_csv(os.path.join(RESULTS, "compiled_decode.csv"), rows)
     print_table(rows, list(rows[0]))
 
