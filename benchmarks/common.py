@@ -5,7 +5,6 @@ import csv
 import json
 import os
 import resource
-import shlex
 import subprocess
 import sys
 import time
@@ -42,10 +41,7 @@ def provenance() -> dict:
     """What produced a figure: the command line (relative to the checkout), the git commit
     (``+dirty`` with uncommitted changes), the date, the machine and the library versions."""
     from swa_patch.provenance import run_info
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    info = run_info()
-    info["command"] = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], root), *sys.argv[1:]])
-    return info
+    return run_info()
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

@@ -54,8 +54,11 @@ def time_attention(args):
             calls[d] = (lambda plan=LayerPlan(spec, name), i=info: run_plan(plan, q, k, v, i, scaling=scale))
             with torch.no_grad():
                 calls[d]()                                    # warm-up: compile, block masks
-            blocks_of = {key[1]: int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
-                         for key, bm in info.memo.items() if key[0] == "flex"}
+            blocks_of = {}   # per layer spec, summed over the fixed-shape chunks of an undilated window
+            for key, bm in info.memo.items():
+                if key[0] in ("flex", "flex-chunk"):
+                    blocks_of[key[1]] = blocks_of.get(key[1], 0) + int(bm.kv_num_blocks.sum()
+                                                                      + bm.full_kv_num_blocks.sum())
             if blocks_of:   # per head (a mask serves every head of its group): comparable across rows
                 groups = spec.head_groups(args.heads)
                 blocks[d] = round(sum(blocks_of[g] * len(h) for g, h in groups) / args.heads)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from swa_patch import make_cache, patch_model, unpatch_model
 from swa_patch.attention import LayerPlan, MaskInfo, run_plan
+from swa_patch.compat import enable_activation_checkpointing
 from swa_patch.backends import flash_available
 from swa_patch.backends.layout import math_attention
 from swa_patch.masks import LayerSpec, reference_mask
@@ -444,7 +445,7 @@ def time_train(dev, quick, repeats):
     n = 2048 if quick else 16384
     model = smollm2_shaped(dev, quick, torch.float32)
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -44,6 +44,7 @@ def child(mode: str, n: int, args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import swa_patch
+    from swa_patch.compat import enable_activation_checkpointing
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -52,7 +53,7 @@ def child(mode: str, n: int, args) -> dict:
     if mode == "window":
         swa_patch.patch_model(model, window=args.window, backend="sdpa")
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()

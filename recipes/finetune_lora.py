@@ -148,6 +148,7 @@ def load_model(args, accelerator):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import swa_patch
+    from swa_patch.compat import enable_activation_checkpointing
 
     load_kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     path = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
@@ -161,11 +162,8 @@ def load_model(args, accelerator):
     swa_patch.patch_model(model, window=args.window, sinks=args.sinks, dilation=args.dilation,
                           backend=args.attn_backend)
     model.config.use_cache = False
-    if args.gradient_checkpointing:   # later 5.x releases rename gradient_checkpointing_enable
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     model_type = text_config.model_type
     lora = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout,

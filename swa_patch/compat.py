@@ -39,3 +39,13 @@ def set_attn_implementation(model, name) -> None:
 
 def text_config(model):
     return model.config.get_text_config(decoder=True)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing under the name this transformers release uses
+    (5.2x renamed ``gradient_checkpointing_enable``, which now warns, to
+    ``activation_checkpointing_enable``)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

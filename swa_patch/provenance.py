@@ -24,13 +24,23 @@ def git_commit(path: str) -> str | None:
         return None
 
 
+def _program(path: str, root: str) -> str:
+    """How to run it again: ``swa-patch`` for the CLI module, a script by its path in the checkout."""
+    if not path:
+        return "python"
+    path = os.path.abspath(path)
+    if path == os.path.join(root, "swa_patch", "cli.py"):
+        return "swa-patch"
+    return os.path.relpath(path, root) if path.startswith(root + os.sep) else os.path.basename(path)
+
+
 def run_info() -> dict:
     import torch
     import transformers
 
     from . import __version__
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    argv = [os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    argv = [_program(sys.argv[0] if sys.argv else "", root), *sys.argv[1:]]
     return {"command": " ".join(shlex.quote(a) for a in argv),
             "commit": git_commit(root) or f"swa_patch {__version__}",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -14,6 +14,7 @@ from models import (FAMILY_CONFIGS, assert_matches_reference_only, reference_att
                     tiny_model)
 from swa_patch import SWAConfig, make_cache, original_attention, patch_model, unpatch_model
 from swa_patch.attention import LayerPlan, MaskInfo, run_plan
+from swa_patch.compat import enable_activation_checkpointing
 from swa_patch.backends import flash
 from swa_patch.backends.layout import math_attention
 from swa_patch.generation import label_prompt_ends
@@ -233,7 +234,7 @@ def test_batched_training_with_labels_equals_reference(checkpointing):
     for patched in (True, False):
         model = tiny_model("llama", seed=1).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         if patched:
             patch_model(model, window=12, sinks=2, decode="full")      # auto: sdpa band with grads
             specs = layer_specs(model)

@@ -1,0 +1,94 @@
+"""The README's results are generated from the benchmark CSVs, and say where each came from."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def report(monkeypatch):
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def results(report, tmp_path, monkeypatch):
+    """A copy of benchmarks/results that a test may edit, read by ``report``."""
+    folder = tmp_path / "results"
+    shutil.copytree(report.RESULTS, folder, ignore=shutil.ignore_patterns("*.png", "*.log"))
+    monkeypatch.setattr(report, "RESULTS", str(folder))
+    return folder
+
+
+def edit_csv(path, column, match, value):
+    with open(path) as f:
+        data = list(csv.DictReader(f))
+    hits = [r for r in data if all(r[k] == v for k, v in match.items())]
+    assert len(hits) == 1
+    hits[0][column] = value
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(data[0]))
+        writer.writeheader()
+        writer.writerows(data)
+
+
+def test_readme_tables_match_the_csvs(report):
+    readme = (ROOT / "README.md").read_text()
+    blocks = [m.group(2) for m in report.BLOCK.finditer(readme)]
+    assert set(blocks) == set(report.SECTIONS), "every section has one README block"
+    assert report.stale(readme) == [], "run: python benchmarks/report.py --write README.md"
+
+
+def test_check_catches_an_edited_figure_and_an_edited_csv(report, results):
+    readme = (ROOT / "README.md").read_text()
+    edited = readme.replace("| swa_patch_compiled | 1280 |", "| swa_patch_compiled | 1281 |", 1)
+    assert edited != readme
+    assert report.stale(edited) == ["attention_sinks"]
+    edit_csv(results / "compiled_decode.csv", "ms_per_token", {"method": "swa_patch", "position": "32768",
+                                                                "compiled": "True"}, "999.0")
+    assert set(report.stale(readme)) == {"targets", "compiled_decode"}
+
+
+def test_a_target_fails_when_its_figure_misses(report, results):
+    met, text = report.t_compiled()
+    assert met is True
+    edit_csv(results / "compiled_decode.csv", "vs_eager_same_position",
+             {"method": "swa_patch", "position": "1024", "compiled": "True"}, "1.29")
+    met, text = report.t_compiled()
+    assert met is False and text.startswith("1.29x")
+    table = report.targets()
+    assert "| **no** | 1.29x" in table
+
+
+def test_every_target_reads_its_csv(report):
+    for target, measured in report.TARGETS:
+        met, text = measured()   # a missing or ambiguous row raises here, not "not measured"
+        assert met in (True, False, None) and text, target
+
+
+def test_provenance_line_names_the_command(report, results):
+    line = report.source("varying_prompts.csv")
+    assert "`benchmarks/varying_prompts.py" in line and "torch" in line
+    (results / "varying_prompts.csv").unlink()
+    assert "not measured yet" in report.source("varying_prompts.csv")
+    with pytest.raises(LookupError):
+        report.pick([{"a": "1"}, {"a": "1"}], a=1)
+
+
+def test_recorded_command_reruns(monkeypatch):
+    from swa_patch import provenance
+    root = str(ROOT)
+    monkeypatch.setattr(sys, "argv", [os.path.join(root, "swa_patch", "cli.py"), "stream", "--tokens", "8"])
+    assert provenance.run_info()["command"] == "swa-patch stream --tokens 8"
+    monkeypatch.setattr(sys, "argv", [os.path.join(root, "benchmarks", "dilation.py"), "--n", "2048"])
+    assert provenance.run_info()["command"] == "benchmarks/dilation.py --n 2048"
