@@ -12,12 +12,13 @@ import sys
 
 
 def git_commit(path: str) -> str | None:
-    """The checkout's short commit, ``+dirty`` with uncommitted changes to tracked files."""
+    """The checkout's short commit, ``+dirty`` with uncommitted changes to tracked files other
+    than benchmark results (a run of several benchmarks rewrites those as it goes)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True).stdout.strip()
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        if commit and git("status", "--porcelain", "--untracked-files=no"):
+        if commit and git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"):
             commit += "+dirty"
         return commit or None
     except OSError:
