@@ -92,3 +92,25 @@ def test_recorded_command_reruns(monkeypatch):
     assert provenance.run_info()["command"] == "swa-patch stream --tokens 8"
     monkeypatch.setattr(sys, "argv", [os.path.join(root, "benchmarks", "dilation.py"), "--n", "2048"])
     assert provenance.run_info()["command"] == "benchmarks/dilation.py --n 2048"
+
+
+def test_commit_is_dirty_for_code_changes_only(tmp_path):
+    import subprocess
+
+    from swa_patch.provenance import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "x.csv").write_text("a\n1\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    clean = git_commit(str(tmp_path))
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "benchmarks" / "results" / "x.csv").write_text("a\n2\n")   # a run rewrote its results
+    assert git_commit(str(tmp_path)) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(str(tmp_path)) == clean + "+dirty"
