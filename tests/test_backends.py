@@ -101,6 +101,29 @@ def test_flex_window_compiles_once_for_every_length(monkeypatch):
     assert new_graphs[1:7] == [0] * 6 and new_graphs[8] == 0, new_graphs       # batch 1: one compile
 
 
+def test_flex_plain_window_uses_one_local_band_kernel_for_every_length(monkeypatch):
+    """No sinks, no padding (a plain prefill): the chunks' masks are the band in chunk
+    coordinates, built from constants.  Every length and a continuation with a full window of
+    keys before it reuse the kernels of the first call; a continuation whose keys start
+    mid-band takes the general path; all equal the reference."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from swa_patch.attention import MaskInfo, contiguous_layout
+
+    monkeypatch.setitem(flex.CHUNK, "cpu", 128)
+    spec = LayerSpec(40)
+    new_graphs = []
+    for n, start in ((300, 0), (131, 0), (517, 0), (129, 0), (90, 0), (400, 250), (400, 20), (260, 0)):
+        q, k, v = random_qkv(1, 4, 2, n, 16, seed=n + start)
+        before = dynamo_utils.counters["stats"]["unique_graphs"]
+        layout = contiguous_layout(MaskInfo(start, None), q[:, :, start:], k, v, spec)
+        with torch.no_grad():
+            out = flex.attend(q[:, :, start:], k, v, layout, spec, q.shape[-1] ** -0.5)
+        new_graphs.append(dynamo_utils.counters["stats"]["unique_graphs"] - before)
+        assert_close_valid(out, reference(q, k, v, spec)[:, start:], None, atol=2e-5)
+    assert new_graphs[1:6] == [0] * 5 and new_graphs[7] == 0, new_graphs
+
+
 def test_flex_never_falls_back_to_eager_when_compiles_run_out(monkeypatch, caplog):
     """Past dynamo's recompile limit, flex_attention would run eagerly (the full score matrix):
     backend='flex' raises instead, and 'auto' logs and runs the sdpa band kernel."""

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 STREAM = r"""
-import gc, json, resource, sys
+import ctypes, gc, json, resource, sys
 import torch
 from transformers import DynamicCache
 sys.path.insert(0, sys.argv[1])
@@ -24,8 +24,13 @@ if mode == "window":
     patch_model(model, window=64, sinks=4, backend="sdpa")
 cache = make_cache(model) if mode == "window" else DynamicCache(config=model.config)
 ids = torch.randint(3, 97, (1, 1000), generator=torch.Generator().manual_seed(0))
+try:                                         # glibc: hand freed heap pages back before reading RSS,
+    trim = ctypes.CDLL("libc.so.6").malloc_trim    # so RSS counts live memory, not the allocator's
+except (OSError, AttributeError):                  # free lists (which wander by ~10 MiB run to run)
+    trim = lambda pad: 0
 def rss():                                   # MiB resident now, and the peak so far (Linux)
     gc.collect()
+    trim(0)
     with open("/proc/self/status") as f:
         now = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return now / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -53,8 +58,10 @@ def test_streaming_100k_tokens_keeps_resident_memory_flat():
     window = _stream("window", 100_000)
     assert window["tokens"] == 100_000
     (now_10k, peak_10k), (now_100k, peak_100k) = window["rss_mib"]["10000"], window["rss_mib"]["100000"]
-    dense = _stream("dense", 30_000)                      # the control: 20k more tokens = 160 MiB of KV
+    dense = _stream("dense", 30_000)                      # the control: 20k more tokens, ~80 MiB of KV
     dense_growth = min(a - b for a, b in zip(dense["rss_mib"]["30000"], dense["rss_mib"]["10000"]))
     assert dense_growth > 60, f"the measurement cannot see a growing cache ({dense_growth:.1f} MiB)"
-    assert now_100k - now_10k < 4, f"resident memory grew {now_100k - now_10k:.1f} MiB from 10k to 100k tokens"
-    assert peak_100k - peak_10k < 4, f"peak RSS grew {peak_100k - peak_10k:.1f} MiB from 10k to 100k tokens"
+    # A cache that kept even 3 % of the 90k tokens would grow by 3 % of a dense cache's growth.
+    bound = 0.03 * dense_growth * 90_000 / 20_000
+    assert now_100k - now_10k < bound, f"resident memory grew {now_100k - now_10k:.1f} MiB from 10k to 100k tokens"
+    assert peak_100k - peak_10k < bound, f"peak RSS grew {peak_100k - peak_10k:.1f} MiB from 10k to 100k tokens"

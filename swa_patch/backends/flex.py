@@ -151,19 +151,31 @@ def _attend_chunks(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap, 
     c = CHUNK[dev.type]
     chunks = -(-lq // c)
     kc = c + span - 1
-    real = (torch.ones(b, k.shape[2], dtype=torch.bool, device=dev) if layout.key_real is None
+    n_keys = k.shape[2]
+    real = (torch.ones(b, n_keys, dtype=torch.bool, device=dev) if layout.key_real is None
             else layout.key_real)
     k, v, real = _band_keys(k, v, real, layout.q_start - span + 1 - layout.k_start, (chunks - 1) * c + kc)
     q = torch.nn.functional.pad(q, (0, 0, 0, chunks * c - lq))
     q_end = torch.tensor(layout.q_start + lq, device=dev)
+    # Keys zero-padded in front of chunk 0's first real key; none in later chunks (c >= span).
+    # A plain layout (every key real, no sinks, the keys reaching the last query) needs no
+    # per-element lookup: its mask is the band in chunk coordinates minus that padding.
+    front = layout.k_start - (layout.q_start - span + 1)
+    plain = layout.key_real is None and not n_s and layout.k_start + n_keys >= layout.q_start + lq
     outs = []
     for t in range(chunks):
-        memo_key = ("flex-chunk", spec, layout.q_start, layout.k_start, lq, n_s, t)
+        pad = max(0, front - t * c)
+        local = plain and pad in (0, span - 1)    # a fresh prefill's first chunk, or any later one
+        memo_key = (("flex-local", spec, pad, c) if local
+                    else ("flex-chunk", spec, layout.q_start, layout.k_start, lq, n_s, t))
         block_mask = None if layout.memo is None else layout.memo.get(memo_key)
         if block_mask is None:
-            q0 = torch.tensor(layout.q_start + t * c, device=dev)
-            mask_mod = _chunk_mask_mod(spec, q0, q_end, _fresh(real[:, t * c:t * c + kc]), layout, n_s)
-            block_mask = _run_compiled(create_block_mask, dev.type, mask_mod, b, None, c, n_s + kc, device=dev,
+            if local:
+                mask_mod, rows = _local_band_mask_mod(spec, pad), None
+            else:
+                q0 = torch.tensor(layout.q_start + t * c, device=dev)
+                mask_mod, rows = _chunk_mask_mod(spec, q0, q_end, _fresh(real[:, t * c:t * c + kc]), layout, n_s), b
+            block_mask = _run_compiled(create_block_mask, dev.type, mask_mod, rows, None, c, n_s + kc, device=dev,
                                        BLOCK_SIZE=BLOCK_SIZE[dev.type])
             if layout.memo is not None:
                 layout.memo[memo_key] = block_mask
@@ -177,6 +189,20 @@ def _fresh(x: torch.Tensor) -> torch.Tensor:
     size-1 dimension makes it count as contiguous), and dynamo guards on strides: without the
     copy every prompt length would compile anew."""
     return x.clone(memory_format=torch.contiguous_format)
+
+
+def _local_band_mask_mod(spec, pad):
+    """The window in chunk coordinates (query ``qi`` sits at key ``qi + span - 1``), the first
+    ``pad`` keys (zero padding) masked.  Only constants: flex evaluates it in its partial
+    blocks at the cost of a plain band, where a mask_mod that reads tensors costs about twice
+    as much on CPU.  Rows past the prompt see real or padded keys and are discarded; keys past
+    the last real one lie after every real query, so the band already hides them."""
+    offset = spec.span - 1
+
+    def local_band(b, h, qi, kj):
+        return band(qi + offset, kj, spec) & (kj >= pad)
+
+    return local_band
 
 
 def _chunk_mask_mod(spec, q0, q_end, real, layout, n_s):
