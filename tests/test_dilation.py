@@ -308,3 +308,25 @@ def test_qwen2_without_sliding_window_patches_every_layer():
     ids, mask = model_ids(30, seed=8)
     specs = compare_with_reference(model, ids, mask, dict(window=4, dilation=3, backend="sdpa"))
     assert specs == [LayerSpec(4, 3, 0)] * 2
+
+
+def test_dilation_benchmark_runs_and_counts_flex_blocks(tmp_path):
+    """benchmarks/dilation.py end to end at a small size: every flex row reports the blocks its
+    masks touch (the dilated band as sparse as the undilated one), every row a timing."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(root / "benchmarks" / "dilation.py"), "--n", "1024", "--window", "64",
+                    "--repeats", "1", "--out", str(tmp_path)], check=True, env=env, capture_output=True, timeout=600)
+    with open(tmp_path / "dilation.csv") as f:
+        rows = list(csv.DictReader(f))
+    flex_rows = [r for r in rows if r["backend"] == "flex"]
+    assert len(flex_rows) == 3 and all(int(r["flex_blocks"]) > 0 for r in flex_rows)
+    d1, d4 = (next(int(r["flex_blocks"]) for r in flex_rows if r["dilation"] == d) for d in ("1", "4"))
+    assert d4 <= 1.2 * d1
+    assert all(float(r["median_s"]) > 0 and r["command"] for r in rows)

@@ -166,9 +166,10 @@ def _attend_chunks(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap, 
     for t in range(chunks):
         pad = max(0, front - t * c)
         local = plain and pad in (0, span - 1)    # a fresh prefill's first chunk, or any later one
-        memo_key = (("flex-local", spec, pad, c) if local
-                    else ("flex-chunk", spec, layout.q_start, layout.k_start, lq, n_s, t))
-        block_mask = None if layout.memo is None else layout.memo.get(memo_key)
+        memo = {} if layout.memo is None else layout.memo
+        chunk_key = ("flex-chunk", spec, layout.q_start, layout.k_start, lq, n_s, t)
+        key = ("flex-local", spec, pad, c) if local else chunk_key   # a local mask serves many chunks
+        block_mask = memo.get(key)
         if block_mask is None:
             if local:
                 mask_mod, rows = _local_band_mask_mod(spec, pad), None
@@ -177,8 +178,8 @@ def _attend_chunks(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap, 
                 mask_mod, rows = _chunk_mask_mod(spec, q0, q_end, _fresh(real[:, t * c:t * c + kc]), layout, n_s), b
             block_mask = _run_compiled(create_block_mask, dev.type, mask_mod, rows, None, c, n_s + kc, device=dev,
                                        BLOCK_SIZE=BLOCK_SIZE[dev.type])
-            if layout.memo is not None:
-                layout.memo[memo_key] = block_mask
+            memo[key] = block_mask
+        memo[chunk_key] = block_mask      # the mask each chunk used (benchmarks count its blocks)
         keys, values = layout.keys_with_sinks(_fresh(k[:, :, t * c:t * c + kc]), _fresh(v[:, :, t * c:t * c + kc]))
         outs.append(_flex(_fresh(q[:, :, t * c:(t + 1) * c]), keys, values, block_mask, scale, softcap, s_aux))
     return torch.cat(outs, dim=2)[:, :, :lq].transpose(1, 2)
