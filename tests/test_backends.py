@@ -103,9 +103,8 @@ def test_flex_window_compiles_once_for_every_length(monkeypatch):
 
 def test_flex_plain_window_uses_one_local_band_kernel_for_every_length(monkeypatch):
     """No sinks, no padding (a plain prefill): the chunks' masks are the band in chunk
-    coordinates, built from constants.  Every length and a continuation with a full window of
-    keys before it reuse the kernels of the first call; a continuation whose keys start
-    mid-band takes the general path; all equal the reference."""
+    coordinates.  Every length, and continuations with a full or a partial window of keys
+    before them, reuse the kernels of the first call, and all equal the reference."""
     import torch._dynamo.utils as dynamo_utils
 
     from swa_patch.attention import MaskInfo, contiguous_layout
@@ -121,7 +120,7 @@ def test_flex_plain_window_uses_one_local_band_kernel_for_every_length(monkeypat
             out = flex.attend(q[:, :, start:], k, v, layout, spec, q.shape[-1] ** -0.5)
         new_graphs.append(dynamo_utils.counters["stats"]["unique_graphs"] - before)
         assert_close_valid(out, reference(q, k, v, spec)[:, start:], None, atol=2e-5)
-    assert new_graphs[1:6] == [0] * 5 and new_graphs[7] == 0, new_graphs
+    assert new_graphs[0] > 0 and new_graphs[1:] == [0] * 7, new_graphs
 
 
 def test_flex_never_falls_back_to_eager_when_compiles_run_out(monkeypatch, caplog):
