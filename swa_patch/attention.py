@@ -23,7 +23,11 @@ from .masks import LayerSpec, first_real_index
 logger = logging.getLogger("swa_patch")
 
 DECODE_MAX_QUERIES = 128   # shorter calls (decode steps, small chunks) use the sdpa kernel
-FLEX_MIN_QUERIES = 2048    # auto: flex pays its compile only on long no-grad prefills
+FLEX_MIN_QUERIES = 2048    # auto on CUDA: flex pays its compile only on long no-grad prefills
+# auto on CPU runs the sdpa band, not flex: measured on 12 prompts of 2k-16k tokens (4 layers,
+# W=1024, benchmarks/varying_prompts.py) flex's prefills took as long as the band's or longer,
+# and its first call compiles for 5-10 s.  backend="flex" still runs it on request.
+AUTO_FLEX_ON_CPU = False
 
 
 @dataclass
@@ -260,8 +264,7 @@ _logged: set = set()
 def choose_backend(requested: str, query, spec: LayerSpec, layout: KeyLayout, s_aux: bool = False) -> str:
     """The kernel for one call.  Short query blocks (decode steps, small chunks) always use
     the sdpa kernel; ``auto`` picks FlashAttention-4 on CUDA (Hopper+) when installed, then
-    flash-attn 2, flex for long prefills
-    without gradients, sdpa otherwise.  Every choice that differs from the request is logged."""
+    flash-attn 2, flex for long prefills without gradients on CUDA, sdpa otherwise.  Every choice that differs from the request is logged."""
     lq = query.shape[2]
     if requested in ("eager", "sdpa"):
         return requested
@@ -283,8 +286,10 @@ def choose_backend(requested: str, query, spec: LayerSpec, layout: KeyLayout, s_
         choice, why = "sdpa", "learned sink logits on CPU (compiled flex has no log-sum-exp there)"
     elif query.requires_grad and torch.is_grad_enabled():
         choice, why = ("flex", "CUDA training") if query.is_cuda else ("sdpa", "training on CPU (flex has no CPU backward)")
-    elif lq >= FLEX_MIN_QUERIES:
+    elif lq >= FLEX_MIN_QUERIES and (query.is_cuda or AUTO_FLEX_ON_CPU):
         choice, why = "flex", f"long prefill ({lq} queries)"
+    elif lq >= FLEX_MIN_QUERIES:
+        choice, why = "sdpa", f"CPU prefill ({lq} queries; flex would compile for no gain)"
     else:
         choice, why = "sdpa", f"short prefill ({lq} queries)"
     key = (requested, choice, why.split(" (")[0])

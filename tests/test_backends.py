@@ -128,9 +128,11 @@ def test_flex_never_falls_back_to_eager_when_compiles_run_out(monkeypatch, caplo
     backend='flex' raises instead, and 'auto' logs and runs the sdpa band kernel."""
     import logging
 
+    from swa_patch import attention
     from swa_patch.attention import LayerPlan, MaskInfo, run_plan
 
     monkeypatch.setattr(flex, "RECOMPILE_LIMIT", 0)        # no room for any new variant
+    monkeypatch.setattr(attention, "AUTO_FLEX_ON_CPU", True)   # auto picks flex here as on CUDA
     spec = LayerSpec(16, 1, 2)
     q, k, v = random_qkv(1, 2, 2, 2049, 8, seed=5)          # a length no other test compiles
     with pytest.raises(flex.FlexCompileLimit, match="backend='sdpa'"), torch.no_grad():

@@ -228,7 +228,7 @@ def test_auto_backend_logs_its_choice(caplog):
 
 @pytest.mark.parametrize("requested,lq,grad,expected", [
     ("flex", 1, False, "sdpa"), ("flex", 128, False, "sdpa"), ("flex", 129, False, "flex"),
-    ("flash", 4, False, "sdpa"), ("auto", 4096, False, "flex"), ("auto", 4096, True, "sdpa"),
+    ("flash", 4, False, "sdpa"), ("auto", 4096, False, "sdpa"), ("auto", 4096, True, "sdpa"),
     ("auto", 512, False, "sdpa"), ("eager", 1, False, "eager"), ("sdpa", 4096, False, "sdpa"),
 ])
 def test_decode_steps_and_auto_pick_the_documented_kernel(requested, lq, grad, expected):
