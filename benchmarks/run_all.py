@@ -6,8 +6,8 @@ Runs each benchmark below in turn from this checkout (run it from a clean one, e
 ``git worktree``, so the commit each CSV records is the code it measured), prints how long each
 took, then ``benchmarks/report.py``'s tables.  Every CSV carries its command, commit, date,
 machine and versions.  The figures are side-by-side ratios on a shared machine: re-running
-reproduces them within the noise the README states, not to the digit.  Expect ~5 hours on 2
-cores (the long-range study alone ~2.5 h).  attention_sinks_compare needs a virtualenv with
+reproduces them within the noise the README states, not to the digit.  Expect ~1 hour on 2
+cores, plus ~2.5 h for the long-range study.  attention_sinks_compare needs a virtualenv with
 attention-sinks 0.4 (``--venv``; skipped without one); the GPU figures come from gpu_check.py.
 """
 from __future__ import annotations
@@ -22,19 +22,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 R = "benchmarks/results"
 
-BENCHMARKS = {   # name: (command, minutes on 2 cores as last run here)
-    "prefill": (["benchmarks/prefill_scaling.py"], 45),
-    "decode": (["benchmarks/cache_decode.py"], 10),
-    "dilation": (["benchmarks/dilation.py", "--repeats", "9"], 6),
-    "train": (["benchmarks/train_step.py"], 20),
+BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026-11-28)
+    "prefill": (["benchmarks/prefill_scaling.py"], 31),
+    "decode": (["benchmarks/cache_decode.py"], 3),
+    "dilation": (["benchmarks/dilation.py", "--repeats", "9"], 1),
+    "train": (["benchmarks/train_step.py"], 5),
     "stream_40k": (["-m", "swa_patch.cli", "stream", "--tokens", "40960", "--chunk", "512", "--window", "1020",
                     "--sinks", "4", "--compare", "dense,window,sinks", "--max-tokens", "dense=4096",
                     "--every", "2048", "--threads", "2", "--no-progress", "--csv", f"{R}/stream_smollm2_40k.csv",
-                    "--plot", f"{R}/stream_smollm2_40k.png"], 10),
+                    "--plot", f"{R}/stream_smollm2_40k.png"], 6),
     "stream_chunked": (["benchmarks/stream_chunked.py"], 3),
-    "finetune": (["benchmarks/smollm2_window_finetune.py"], 8),
-    "varying_prompts": (["benchmarks/varying_prompts.py"], 10),
-    "compiled_decode": (["benchmarks/compiled_decode.py"], 10),
+    "finetune": (["benchmarks/smollm2_window_finetune.py"], 3),
+    "varying_prompts": (["benchmarks/varying_prompts.py"], 3),
+    "compiled_decode": (["benchmarks/compiled_decode.py"], 8),
     "long_range": (["benchmarks/long_range_study.py"], 150),
     "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 10),
 }

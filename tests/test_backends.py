@@ -123,6 +123,31 @@ def test_flex_plain_window_uses_one_local_band_kernel_for_every_length(monkeypat
     assert new_graphs[0] > 0 and new_graphs[1:] == [0] * 7, new_graphs
 
 
+def test_flex_short_prompts_run_in_power_of_two_chunks(monkeypatch):
+    """A prompt shorter than CHUNK runs in one power-of-two chunk (not CHUNK padded queries):
+    lengths in one bucket share its kernel; chunks narrower than the window (padding in front
+    of later chunks too) still equal the reference."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from swa_patch.attention import MaskInfo, contiguous_layout
+
+    monkeypatch.setitem(flex.CHUNK, "cpu", 128)
+    monkeypatch.setattr(flex, "MIN_CHUNK", 32)
+    assert [flex._chunk_size(n, 128) for n in (1, 32, 33, 64, 65, 128, 129, 5000)] == [32, 32, 64, 64, 128, 128,
+                                                                                       128, 128]
+    new_graphs = []
+    for n, spec in ((33, LayerSpec(40)), (50, LayerSpec(40)), (64, LayerSpec(40)), (20, LayerSpec(40)),
+                    (300, LayerSpec(200))):
+        q, k, v = random_qkv(1, 4, 2, n, 16, seed=n)
+        before = dynamo_utils.counters["stats"]["unique_graphs"]
+        layout = contiguous_layout(MaskInfo(0, None), q, k, v, spec)
+        with torch.no_grad():
+            out = flex.attend(q, k, v, layout, spec, q.shape[-1] ** -0.5)
+        new_graphs.append(dynamo_utils.counters["stats"]["unique_graphs"] - before)
+        assert_close_valid(out, reference(q, k, v, spec), None, atol=2e-5)
+    assert new_graphs[1:3] == [0, 0], new_graphs          # 33, 50 and 64 share the 64-query kernel
+
+
 def test_flex_never_falls_back_to_eager_when_compiles_run_out(monkeypatch, caplog):
     """Past dynamo's recompile limit, flex_attention would run eagerly (the full score matrix):
     backend='flex' raises instead, and 'auto' logs and runs the sdpa band kernel."""

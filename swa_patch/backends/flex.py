@@ -8,7 +8,8 @@ then touches no more blocks than the undilated window does.
 
 An undilated window runs in chunks of a fixed shape (``CHUNK`` queries against their
 ``CHUNK + span - 1`` band keys plus the sink slots; padding rows and keys are masked, so
-their blocks are skipped): one compiled kernel serves every prompt length, where a call per
+their blocks are skipped; a prompt shorter than ``CHUNK`` runs in one power-of-two chunk):
+a handful of compiled kernels serve every prompt length, where a call per
 length would compile anew for each (seconds to minutes on CPU).
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .layout import KeyLayout
 
 
 BLOCK_SIZE = {"cpu": 64, "cuda": 128}   # 64 wastes less of a band on CPU (measured)
-CHUNK = {"cpu": 2048, "cuda": 8192}     # queries per call of the fixed-shape window kernel
+CHUNK = {"cpu": 2048, "cuda": 8192}     # queries per call of the fixed-shape window kernel (at most)
+MIN_CHUNK = 256                         # shorter prompts run in power-of-two chunks from here up
 # Each new query/key length, dtype, head count or mask kind is a recompile.  Dynamo's default
 # limit (8) is reached by an ordinary mix of prefill lengths, and past it dynamo runs
 # flex_attention *eagerly*, which materialises the whole score matrix: dense memory, the
@@ -143,12 +145,12 @@ def _attend_chunks(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap, 
     ``a .. a + C - 1`` (``a = q_start + t*C``) and the keys ``a - span + 1 .. a + C - 1``
     (zero-padded outside the given keys, masked), after the sink slots.  Every call has the
     same shapes, and the mask_mod reads positions from tensors, so the kernels compile once
-    per layer spec whatever the prompt length."""
+    per layer spec and chunk size whatever the prompt length."""
     from .sdpa import _band_keys
 
     b, h, lq, _ = q.shape
     dev, n_s, span = q.device, layout.n_sinks, spec.span
-    c = CHUNK[dev.type]
+    c = _chunk_size(lq, CHUNK[dev.type])
     chunks = -(-lq // c)
     kc = c + span - 1
     n_keys = k.shape[2]
@@ -157,7 +159,8 @@ def _attend_chunks(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap, 
     k, v, real = _band_keys(k, v, real, layout.q_start - span + 1 - layout.k_start, (chunks - 1) * c + kc)
     q = torch.nn.functional.pad(q, (0, 0, 0, chunks * c - lq))
     q_end = torch.tensor(layout.q_start + lq, device=dev)
-    # Keys zero-padded in front of chunk 0's first real key; none in later chunks (c >= span).
+    # Keys zero-padded in front of each chunk's first real key (chunk 0's; later ones' too when
+    # a short prompt's chunk is narrower than the window).
     # A plain layout (every key real, no sinks, the keys reaching the last query) needs no
     # per-element lookup: its mask is the band in chunk coordinates minus that padding.
     front = layout.k_start - (layout.q_start - span + 1)
@@ -182,6 +185,13 @@ def _attend_chunks(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap, 
         keys, values = layout.keys_with_sinks(_fresh(k[:, :, t * c:t * c + kc]), _fresh(v[:, :, t * c:t * c + kc]))
         outs.append(_flex(_fresh(q[:, :, t * c:(t + 1) * c]), keys, values, block_mask, scale, softcap, s_aux))
     return torch.cat(outs, dim=2)[:, :, :lq].transpose(1, 2)
+
+
+def _chunk_size(lq: int, largest: int) -> int:
+    """Queries per chunk: ``largest``, or for a shorter prompt the power of two that holds it
+    (at least MIN_CHUNK), so a 512-token prompt does not pay for 2,048 padded queries and the
+    kernels still come in a handful of shapes."""
+    return min(largest, max(MIN_CHUNK, 1 << (lq - 1).bit_length()))
 
 
 def _fresh(x: torch.Tensor) -> torch.Tensor:
