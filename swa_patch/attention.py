@@ -264,7 +264,8 @@ _logged: set = set()
 def choose_backend(requested: str, query, spec: LayerSpec, layout: KeyLayout, s_aux: bool = False) -> str:
     """The kernel for one call.  Short query blocks (decode steps, small chunks) always use
     the sdpa kernel; ``auto`` picks FlashAttention-4 on CUDA (Hopper+) when installed, then
-    flash-attn 2, flex for long prefills without gradients on CUDA, sdpa otherwise.  Every choice that differs from the request is logged."""
+    flash-attn 2, flex for long prefills without gradients on CUDA, sdpa otherwise.  Every
+    choice that differs from the request is logged."""
     lq = query.shape[2]
     if requested in ("eager", "sdpa"):
         return requested
