@@ -82,6 +82,11 @@ def with_source(name, text):
     return f"{source(name)}\n\n{text}"
 
 
+def csv_table(name, columns):
+    """A section that is one CSV's columns as they are, under its provenance line."""
+    return lambda: with_source(name, simple(name, columns))
+
+
 # ---- one function per results table -------------------------------------------------------
 def prefill():
     name = "prefill_scaling.csv"
@@ -137,11 +142,6 @@ def stream_gap():
     return int(sinks["tokens"]), float(sinks["ppl"]) / float(pick(data, mode="dense", tokens=4096)["ppl"])
 
 
-def attention_sinks():
-    name = "attention_sinks_compare.csv"
-    return with_source(name, simple(name, ["method", "tokens", "ppl", "tokens_per_s", "speedup_vs_attention_sinks"]))
-
-
 def varying_prompts():
     """Total wall time of prompts of many lengths, compiles included: auto and flex vs the sdpa band."""
     name = "varying_prompts.csv"
@@ -170,24 +170,6 @@ def compiled_decode():
     return with_source(name, text)
 
 
-def stream_chunked():
-    name = "stream_chunked_vs_tbt.csv"
-    return with_source(name, simple(name, ["chunk", "tokens", "ppl", "seconds", "tokens_per_s",
-                                           "speedup_vs_token_by_token", "ppl_rel_diff"]))
-
-
-def dilation():
-    name = "dilation.csv"
-    return with_source(name, simple(name, ["backend", "dilation", "n", "window", "median_s", "ratio_vs_d1",
-                                           "flex_blocks"]))
-
-
-def receptive():
-    name = "receptive.csv"
-    return with_source(name, simple(name, ["check", "layers", "window", "schedule", "reach", "gradient_reach",
-                                           "reachable", "gradient_matches_set"]))
-
-
 def train():
     name = "train_step.csv"
     data = rows(name)
@@ -204,12 +186,6 @@ def train():
                        f"each length and mode in a fresh process:\n\n"
                        + table(["tokens", "dense step s", "window step s", "speed-up", "dense peak MB",
                                 "window peak MB"], body))
-
-
-def finetune():
-    name = "smollm2_window_finetune.csv"
-    return with_source(name, simple(name, ["source", "condition", "heldout_perplexity", "window", "sinks",
-                                           "seq_len", "steps"]))
 
 
 def gpu():
@@ -461,9 +437,19 @@ def targets():
 
 SECTIONS = {
     "targets": targets, "prefill": prefill, "decode": decode, "varying_prompts": varying_prompts,
-    "compiled_decode": compiled_decode, "stream": stream, "attention_sinks": attention_sinks,
-    "stream_chunked": stream_chunked, "dilation": dilation, "receptive": receptive, "gpu": gpu,
-    "train": train, "finetune": finetune, "long_range": long_range, "serving": serving,
+    "compiled_decode": compiled_decode, "stream": stream,
+    "attention_sinks": csv_table("attention_sinks_compare.csv", ["method", "tokens", "ppl", "tokens_per_s",
+                                                                 "speedup_vs_attention_sinks"]),
+    "stream_chunked": csv_table("stream_chunked_vs_tbt.csv", ["chunk", "tokens", "ppl", "seconds", "tokens_per_s",
+                                                               "speedup_vs_token_by_token", "ppl_rel_diff"]),
+    "dilation": csv_table("dilation.csv", ["backend", "dilation", "n", "window", "median_s", "ratio_vs_d1",
+                                           "flex_blocks"]),
+    "receptive": csv_table("receptive.csv", ["check", "layers", "window", "schedule", "reach", "gradient_reach",
+                                             "reachable", "gradient_matches_set"]),
+    "gpu": gpu, "train": train,
+    "finetune": csv_table("smollm2_window_finetune.csv", ["source", "condition", "heldout_perplexity", "window",
+                                                          "sinks", "seq_len", "steps"]),
+    "long_range": long_range, "serving": serving,
 }
 BLOCK = re.compile(r"(<!-- report:(\w+) -->\n)(.*?)(<!-- /report:\2 -->)", re.S)
 
