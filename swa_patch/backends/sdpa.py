@@ -3,9 +3,9 @@
 Queries are cut into blocks of ``bq``; block ``t`` attends only to its key band (``bq + W - 1``
 keys, gathered for all blocks at once with ``unfold``) plus the sink slots, in batched SDPA
 calls.  The band mask is the same for every block (the window is translation invariant), so
-only blocks with padded or invalid keys, or sinks, need masks of their own.  A dilated window is split into ``d``
-residue classes (stream index mod d): each is a plain window of W over its own
-subsequence, so dilated work equals undilated work.
+only blocks with padded or invalid keys, or sinks, need masks of their own.  A dilated window
+is split into ``d`` residue classes (stream index mod d): each is a plain window of W over its
+own subsequence, so dilated work equals undilated work.
 """
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ def _band(q, k, v, layout, spec, scale, softcap, s_aux, q0, k0, q_stream):
     # (with sinks) per-query sink slots vary in every block.  With grad every block gets its own:
     # the CPU backward expands a broadcast mask over heads and blocks (measured at 16k, W=512:
     # peak 1.12 GB and 1.28 s per fwd+bwd, against 0.65 GB and 1.04 s with per-block masks).
-    head = nb if (grad or layout.key_real is not None or layout.n_sinks) else min(nb, -(-max(0, -offset) // bq))
+    share = not (grad or layout.key_real is not None or layout.n_sinks)
+    head = min(nb, -(-max(0, -offset) // bq)) if share else nb    # blocks with masks of their own
     real_blk = real.unfold(1, kw, bq)[:, :head]                # [B, head, kw]
     mask = in_band & (real_blk[:, :, None, :] | (m == u + w - 1))  # [B, head, bq, kw]
     if layout.n_sinks:
