@@ -159,8 +159,8 @@ def _attend_chunks(q, k, v, layout: KeyLayout, spec: LayerSpec, scale, softcap, 
     k, v, real = _band_keys(k, v, real, layout.q_start - span + 1 - layout.k_start, (chunks - 1) * c + kc)
     q = torch.nn.functional.pad(q, (0, 0, 0, chunks * c - lq))
     q_end = torch.tensor(layout.q_start + lq, device=dev)
-    # Keys zero-padded in front of each chunk's first real key (chunk 0's; later ones' too when
-    # a short prompt's chunk is narrower than the window).
+    # Keys zero-padded in front of each chunk's first real key: chunk 0's, and later ones' too
+    # while ``t * c < front`` (a window wider than the chunk, e.g. W=4096 against 2,048 queries).
     # A plain layout (every key real, no sinks, the keys reaching the last query) needs no
     # per-element lookup: its mask is the band in chunk coordinates minus that padding.
     front = layout.k_start - (layout.q_start - span + 1)
