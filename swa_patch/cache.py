@@ -67,11 +67,13 @@ class SWACache(Cache):
     """Rolling + sink KV cache for a model patched by :func:`swa_patch.patch_model`.
 
     specs: one :class:`LayerSpec` per layer; positions: ``"original"`` or ``"shift"``;
-    ropes: one :class:`LayerRope` per layer (required for ``"shift"``).
+    ropes: one :class:`LayerRope` per layer (required for ``"shift"``); rollback: spare
+    slots per rolling buffer, so that :meth:`crop` of up to ``rollback`` newest tokens always
+    succeeds (speculative decoding rejects drafted tokens that way).
     """
 
     def __init__(self, specs: list[LayerSpec], positions: str = "original",
-                 ropes: list[LayerRope] | None = None):
+                 ropes: list[LayerRope] | None = None, rollback: int = 0):
         if positions not in ("original", "shift"):
             raise ValueError(f"positions must be 'original' or 'shift', got {positions!r}")
         if positions == "shift" and (ropes is None or len(ropes) != len(specs)):
@@ -80,6 +82,7 @@ class SWACache(Cache):
         if positions == "shift" and decode_full:
             raise ValueError(f"layers {decode_full} decode fully (decode='full'): their cache keeps every key "
                              "at its original position; positions='shift' cannot apply, use 'original'")
+        self.rollback = rollback
         super().__init__(layers=[self._make_layer(i, s) for i, s in enumerate(specs)])
         self.specs, self.position_mode, self.ropes = list(specs), positions, ropes
         spans = [s.span for s in specs if s.window is not None]
@@ -135,7 +138,14 @@ class SWACache(Cache):
         """The recorded boundary; a stream fed without one has the end of its first forward as
         the prompt end (what ``generate`` does: the prompt, then one token per step)."""
         if self.full_from is None:
-            self.full_from = torch.tensor([step.start + step.length - 1])
+            full_from = torch.tensor([step.start + step.length - 1])
+            dense = (self.first_real.cpu() < 0) | (self.first_real.cpu() >= full_from)
+            if bool(dense.any()):
+                raise ValueError(f"decode='full': the first forward through this cache ({step.length} token(s)) would "
+                                 f"be the whole prompt, leaving row(s) {dense.nonzero().flatten().tolist()} no windowed "
+                                 "token before its first real token: every query would attend every earlier key "
+                                 "(dense attention). Pass prompt_lengths= to make_cache(model, ...) or to the forward")
+            self.full_from = full_from
         return self.full_from.to(device)
 
     def _note_first_real(self, start, q_len, real, batch_size, device):
@@ -199,14 +209,12 @@ class SWACache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest ``-tokens_to_remove`` tokens (transformers' convention: a
-        negative count).  A rolling buffer can only give back what it still holds."""
+        negative count).  A rolling buffer gives back at most ``rollback`` tokens (at least 1);
+        in position mode ``shift`` the kept keys stay in the cache's frame, so nothing moves."""
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0:
             return
-        if self.position_mode == "shift":
-            raise ValueError("SWACache(positions='shift') cannot crop: positions are assigned "
-                             "inside the cache")
         new_len = self.get_seq_length() + tokens_to_remove
         if new_len < 0:
             raise ValueError(f"crop({tokens_to_remove}) removes more tokens than the cache has seen")
@@ -217,6 +225,12 @@ class SWACache(Cache):
         if self.first_real is not None:
             self.first_real = torch.where(self.first_real >= new_len, -1, self.first_real)
         self._step = None
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether ``crop`` restores the cache exactly (transformers' assisted decoding asks):
+        with ``rollback`` spare slots reserved, or no rolling layer at all."""
+        return self.rollback > 0 or not any(isinstance(layer, SlidingLayer) for layer in self.layers)
 
     @property
     def is_compileable(self) -> bool:
@@ -340,7 +354,7 @@ class SlidingLayer(_SWALayer):
 
     def __init__(self, owner: SWACache, layer_idx: int, spec: LayerSpec):
         super().__init__(owner, layer_idx)
-        self.spec, self.n = spec, spec.span
+        self.spec, self.n = spec, spec.span + max(owner.rollback, 1) - 1   # rollback - 1 spare slots
 
     def lazy_initialization(self, key_states, value_states):
         b, h, _, d = key_states.shape
@@ -361,7 +375,7 @@ class SlidingLayer(_SWALayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if query_length == 1:
             return self.n, 0
-        old = min(self.seen, self.n - 1)
+        old = min(self.seen, self.spec.cache_slots)
         return old + query_length, self.seen - old
 
     def update(self, key_states, value_states, *args, kwargs: dict | None = None, **extra):
@@ -429,7 +443,7 @@ class SlidingLayer(_SWALayer):
         return keys
 
     def _chunk(self, k, v, step: _Step, real):
-        old = min(step.start, self.n - 1)
+        old = min(step.start, self.spec.cache_slots)      # the band of the chunk's first query
         slots = torch.arange(step.start - old, step.start, device=k.device) % self.n
         keys = torch.cat([self._stored_keys(slots), k], dim=2)
         values = torch.cat([self.values[:, :, slots], v], dim=2)
@@ -450,7 +464,7 @@ class SlidingLayer(_SWALayer):
             layout.sink_k, layout.sink_v = self.sink_k, self.sink_v
             return
         rope = self.owner.ropes[self.layer_idx]
-        offset = self.spec.sinks + self.n - 1 - torch.arange(self.spec.sinks, device=self.sink_k.device)
+        offset = self.spec.sinks + self.spec.span - 1 - torch.arange(self.spec.sinks, device=self.sink_k.device)
         if step.length == 1:      # one query: rotate the S sinks to (query position - offset)
             layout.sink_k = rotate(self.sink_k, step.positions[0] - offset, rope)
             layout.sink_v = self.sink_v
@@ -464,10 +478,13 @@ class SlidingLayer(_SWALayer):
             self.keys = rotate(self.keys, delta, rope)
 
     def check_crop(self, new_len: int) -> None:
-        if new_len < self.seen - 1 and new_len > 0:
-            raise ValueError(f"cannot crop layer {self.layer_idx} back to {new_len} tokens: its rolling "
-                             f"buffer of {self.n} slots has already evicted keys the next query needs "
-                             "(at most 1 token can be removed)")
+        """The next query (stream index ``new_len``) needs keys from ``new_len - span + 1`` on;
+        the buffer holds the last ``n`` tokens seen."""
+        if max(0, new_len - self.spec.cache_slots) < self.seen - self.n:
+            limit = self.n - self.spec.span + 1
+            raise ValueError(f"cannot crop layer {self.layer_idx} back to {new_len} tokens ({self.seen - new_len} "
+                             f"removed): its rolling buffer keeps {limit} token(s) of rollback and has evicted keys "
+                             f"the next query needs; reserve more with swa_patch.make_cache(model, rollback=K)")
 
     def crop_to(self, new_len: int) -> None:
         if new_len == 0:

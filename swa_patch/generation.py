@@ -14,18 +14,19 @@ The dependency runs one way: ``patch`` -> ``generation`` -> ``cache``.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from .attention import MaskInfo, _boundaries
 from .cache import SWACache, _PendingLayout
+from .compat import ATTN_NAME
+from .masks import first_real_index
 from .rope import model_ropes
 from .state import layer_specs, patch_settings, patch_state
 
-MAKE_CACHE_OPTIONS = ("positions", "prompt_lengths", "static", "max_cache_len")
+MAKE_CACHE_OPTIONS = ("positions", "prompt_lengths", "static", "max_cache_len", "rollback")
 _CACHE_NAMES = ("cache", "past_key_values", "layer_past")
+DEFAULT_DRAFT_TOKENS = 20       # transformers' default num_assistant_tokens
 
 
 def make_cache(model, **options) -> SWACache:
@@ -35,7 +36,10 @@ def make_cache(model, **options) -> SWACache:
     ``prompt_lengths`` (decode="full" models: an int, or one per row, counted from the start
     of the stream with left pads; default: the first forward's input is the prompt);
     ``static=True``: fixed-shape buffers and a tensor position, for ``torch.compile`` and CUDA
-    graphs (``max_cache_len`` sizes full-attention layers), see :mod:`swa_patch.static_cache`.
+    graphs (``max_cache_len`` sizes full-attention layers), see :mod:`swa_patch.static_cache`;
+    ``rollback=K``: each rolling buffer keeps ``K`` spare slots so that ``crop`` of up to ``K``
+    newest tokens always succeeds (speculative decoding; ``generate()`` sets it by itself from
+    ``num_assistant_tokens`` or ``prompt_lookup_num_tokens``).
     """
     unknown = sorted(set(options) - set(MAKE_CACHE_OPTIONS))
     if unknown:
@@ -46,12 +50,18 @@ def make_cache(model, **options) -> SWACache:
     positions = options.get("positions") or settings.position_mode
     if positions not in ("original", "shift"):
         raise ValueError(f"positions must be 'original' or 'shift', got {positions!r}")
+    rollback = options.get("rollback") or 0
+    if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0:
+        raise ValueError(f"rollback must be an int >= 0 (tokens a crop may remove), got {rollback!r}")
     specs = layer_specs(model)
     ropes = model_ropes(model, len(specs)) if positions == "shift" else None
     if options.get("static"):
+        if rollback:
+            raise ValueError("make_cache(static=True) cannot roll back (its write position is a device tensor); "
+                             "rollback= needs the default (dynamic) cache")
         from .static_cache import StaticSWACache
         return StaticSWACache(specs, options.get("max_cache_len"), positions, ropes)
-    cache = SWACache(specs, positions, ropes)
+    cache = SWACache(specs, positions, ropes, rollback=rollback)
     if options.get("prompt_lengths") is not None:
         _require_decode_full(settings)
         cache.record_boundary(prompt_ends(options["prompt_lengths"]) - 1)
@@ -104,41 +114,43 @@ def _tokens(args, kwargs) -> torch.Tensor:
     return kwargs["inputs_embeds"] if tokens is None else tokens
 
 
-def _top_level_hook(model, state: dict):
+def _top_level_hook(model, args, kwargs):
     """Pre-hook of the patched model: swaps generate()'s own empty DynamicCache for an
     SWACache (a DynamicCache seen again maps to the same SWACache) and settles the prompt
-    boundary of decode="full" layers."""
-    def hook(module, args, kwargs):
-        _boundaries.append(None)                 # popped by _end_of_forward, whatever happens
-        prompt_lengths = kwargs.pop("prompt_lengths", None)
-        name, cache = _find_cache(kwargs)
-        if state.get("suspended"):
-            if isinstance(cache, SWACache):
-                raise ValueError("an SWACache cannot serve the original attention: inside "
-                                 "swa_patch.original_attention(model) use the model's own caches")
-            return args, kwargs
-        if isinstance(cache, StaticCache):
-            raise ValueError("a pre-allocated cache (StaticCache, cache_implementation='static') is not "
-                             "supported by a patched model; use swa_patch.make_cache(model) or the default "
-                             "cache of generate()")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            swa = getattr(cache, "_swa_patch_cache", None)
-            if swa is None and cache.get_seq_length() == 0:
-                swa = cache._swa_patch_cache = make_cache(model)
-            if swa is not None:
-                kwargs = {**kwargs, name: swa}
-                cache = swa
-        if state["settings"].decodes_full:
-            _boundaries[-1] = _boundary(state, args, kwargs, cache, prompt_lengths)
-        elif prompt_lengths is not None:
-            _require_decode_full(state["settings"])
+    boundary of decode="full" layers.  Everything it reads hangs off ``model`` (the module
+    being called), so a deep copy or an unpickled model uses its own state."""
+    state = patch_state(model)
+    _boundaries.append(None)                 # popped by _end_of_forward, whatever happens
+    prompt_lengths = kwargs.pop("prompt_lengths", None)
+    name, cache = _find_cache(kwargs)
+    if state.get("suspended"):
+        if isinstance(cache, SWACache):
+            raise ValueError("an SWACache cannot serve the original attention: inside "
+                             "swa_patch.original_attention(model) use the model's own caches")
         return args, kwargs
-    return hook
+    if isinstance(cache, StaticCache):
+        raise ValueError("a pre-allocated cache (StaticCache, cache_implementation='static') is not "
+                         "supported by a patched model; use swa_patch.make_cache(model) or the default "
+                         "cache of generate()")
+    if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+        swa = getattr(cache, "_swa_patch_cache", None)
+        if swa is None and cache.get_seq_length() == 0:
+            swa = cache._swa_patch_cache = make_cache(model, rollback=state.get("generate_rollback") or 0)
+        if swa is not None:
+            kwargs = {**kwargs, name: swa}
+            cache = swa
+    if state["settings"].decodes_full:
+        _boundaries[-1] = _boundary(state, args, kwargs, cache, prompt_lengths)
+    elif prompt_lengths is not None:
+        _require_decode_full(state["settings"])
+    return args, kwargs
 
 
 def _boundary(state, args, kwargs, cache, prompt_lengths) -> torch.Tensor | None:
     """``[B]`` (or ``[1]``) stream index of each row's first fully attending query, recorded
-    in an SWACache; None when this forward does not say (the layouts then take the default)."""
+    in an SWACache; None when this forward does not say (the layouts then take the default).
+    A boundary taken from ``labels`` or from generate's prompt must leave each row at least one
+    windowed real token: one at the row's first real token would make the row dense."""
     if cache is not None and not isinstance(cache, SWACache):
         raise ValueError(f"decode={state['settings'].decode!r} needs a cache that keeps every key of its "
                          f"layers and records the prompt boundary; got {type(cache).__name__}. Use "
@@ -147,12 +159,17 @@ def _boundary(state, args, kwargs, cache, prompt_lengths) -> torch.Tensor | None
     batch, n = tokens.shape[:2]
     start = 0 if cache is None else cache.get_seq_length()
     labels = kwargs.get("labels")
+    generate_end = state.get("generate_prompt_end")
     if prompt_lengths is not None:
         ends = prompt_ends(prompt_lengths, batch, None if cache is not None else n)
     elif labels is not None:
         ends = start + label_prompt_ends(labels)
-    elif isinstance(cache, SWACache) and cache.full_from is None and state.get("generate_prompt_end") is not None:
-        ends = state["generate_prompt_end"]
+        if start == 0:
+            refuse_dense_rows(ends - 1, kwargs.get("attention_mask"), "labels (no -100 prefix over the prompt)")
+    elif isinstance(cache, SWACache) and cache.full_from is None and generate_end is not None:
+        ends = rows_of(generate_end["ends"], batch)
+        if start == 0 and not generate_end["explicit"]:
+            refuse_dense_rows(ends - 1, kwargs.get("attention_mask"), "generate()'s prompt")
     else:
         return None
     full_from = (ends - 1).to(tokens.device)
@@ -161,33 +178,58 @@ def _boundary(state, args, kwargs, cache, prompt_lengths) -> torch.Tensor | None
     return full_from
 
 
+def rows_of(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-row ``values`` (``[1]`` or ``[B]``) for a batch that generate() expanded to ``B * k``
+    rows (beams, ``num_return_sequences``: each row repeated ``k`` times in place)."""
+    if values.numel() in (1, batch):
+        return values
+    if batch % values.numel():
+        raise ValueError(f"prompt_lengths has {values.numel()} values for a batch of {batch} rows")
+    return values.repeat_interleave(batch // values.numel())
+
+
+def refuse_dense_rows(full_from: torch.Tensor, attention_mask, source: str) -> None:
+    """decode="full": raise when a row's boundary falls at (or before) its first real token, so
+    every query of the row would attend every earlier key: dense attention, not the window."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        first = first_real_index(attention_mask.bool())
+    else:
+        first = torch.zeros(full_from.shape, dtype=torch.long)
+    dense = (full_from.cpu() <= first.cpu()).expand(max(full_from.numel(), first.numel()))
+    if bool(dense.any()):
+        rows = dense.nonzero().flatten().tolist()
+        raise ValueError(f"decode='full': the prompt boundary from {source} falls at the first real token of "
+                         f"row(s) {rows}, so every query there would attend every earlier key (dense attention, "
+                         "no window). Give each row's prompt: a -100 prefix over it in labels, or "
+                         "prompt_lengths= (tokens of prompt per row, left pads included; passing prompt_lengths "
+                         "explicitly also runs a one-token prompt on purpose)")
+
+
 def _end_of_forward(module, args, kwargs, output):
     if _boundaries:
         _boundaries.pop()
 
 
-def _announce_step(state: dict):
+def _announce_step(module, args, kwargs):
     """Decoder pre-hook: tell an SWACache which tokens come (and which are pads); in shift
     mode replace ``position_ids`` with the cache's frame positions."""
-    def hook(module, args, kwargs):
-        _, cache = _find_cache(kwargs)
-        if not isinstance(cache, SWACache):
-            return None
-        if state.get("suspended"):
-            raise ValueError("an SWACache cannot serve the original attention: inside "
-                             "swa_patch.original_attention(model) use the model's own caches")
-        tokens = _tokens(args, kwargs)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, MaskInfo):       # generate() builds masks ahead for compileable caches
-            mask = mask.padding
-            kwargs = {**kwargs, "attention_mask": mask}
-        if isinstance(mask, torch.Tensor) and mask.dim() != 2:
-            raise ValueError("SWACache needs a 2-D attention_mask [batch, tokens] (or none)")
-        positions = cache.begin(tokens.shape[1], mask, tokens.shape[0], tokens.device)
-        if positions is None:
-            return args, kwargs
-        return args, {**kwargs, "position_ids": positions}
-    return hook
+    _, cache = _find_cache(kwargs)
+    if not isinstance(cache, SWACache):
+        return None
+    if module.config._attn_implementation != ATTN_NAME:        # inside original_attention (shared config)
+        raise ValueError("an SWACache cannot serve the original attention: inside "
+                         "swa_patch.original_attention(model) use the model's own caches")
+    tokens = _tokens(args, kwargs)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, MaskInfo):       # generate() builds masks ahead for compileable caches
+        mask = mask.padding
+        kwargs = {**kwargs, "attention_mask": mask}
+    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+        raise ValueError("SWACache needs a 2-D attention_mask [batch, tokens] (or none)")
+    positions = cache.begin(tokens.shape[1], mask, tokens.shape[0], tokens.device)
+    if positions is None:
+        return args, kwargs
+    return args, {**kwargs, "position_ids": positions}
 
 
 def _pending_layout(module, args, kwargs):
@@ -198,45 +240,96 @@ def _pending_layout(module, args, kwargs):
     return args, {**kwargs, "swa_keys": _PendingLayout(cache, module.layer_idx)}
 
 
-def _recording_generate(model, state: dict):
-    """``model.generate`` that tells the hooks where the prompt ends (decode="full": the
-    boundary must not depend on how generate feeds the prompt, e.g. ``prefill_chunk_size``):
-    ``prompt_lengths=`` if given (e.g. to attend fully from a question on), else its input."""
-    original = type(model).generate.__get__(model)
+class PatchedGenerate:
+    """``model.generate`` of a patched model.  It notes what the hooks must know of the call,
+    then runs the class's ``generate``: where the prompt ends (decode="full": the boundary must
+    not depend on how generate feeds the prompt, e.g. ``prefill_chunk_size``; ``prompt_lengths=``
+    if given, e.g. to attend fully from a question on, else its input) and how many drafted
+    tokens one verification may reject (speculative decoding: the cache reserves that many
+    rollback slots).  It holds the model it belongs to as plain state, so ``copy.deepcopy``
+    and pickling hand a copy its own."""
 
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        state = patch_state(model)
         prompt_lengths = kwargs.pop("prompt_lengths", None)
         tokens = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
         if prompt_lengths is not None:
-            state["generate_prompt_end"] = prompt_ends(prompt_lengths, tokens.shape[0], tokens.shape[1])
+            _require_decode_full(state["settings"])
+            ends = prompt_ends(prompt_lengths, tokens.shape[0], tokens.shape[1])
+            state["generate_prompt_end"] = {"ends": ends, "explicit": True}
         elif tokens is not None:
-            state["generate_prompt_end"] = torch.tensor([tokens.shape[1]])
+            state["generate_prompt_end"] = {"ends": torch.tensor([tokens.shape[1]]), "explicit": False}
+        state["generate_rollback"] = _check_rollback(kwargs, draft_length(model, kwargs))
         try:
-            return original(*args, **kwargs)
+            return type(model).generate(model, *args, **kwargs)
         finally:
-            state["generate_prompt_end"] = None
-    return generate
+            state["generate_prompt_end"] = state["generate_rollback"] = None
 
 
-def install_generation_hooks(model) -> list:
-    """Hooks that make a patched model (and its ``generate()``) use an SWACache; returns the
-    handles (``unpatch_model`` removes them, and the ``generate`` wrapper of decode="full")."""
+def draft_length(model, kwargs: dict) -> int:
+    """The most drafted tokens one verification step of this ``generate()`` call may reject:
+    ``num_assistant_tokens`` of the draft's generation config (with ``assistant_model``, or for
+    the draft itself), ``prompt_lookup_num_tokens``, else 0."""
+    config = kwargs.get("generation_config") or model.generation_config
+    assistant = kwargs.get("assistant_model")
+    lookup = kwargs.get("prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None))
+    if getattr(config, "is_assistant", False):
+        draft_config = config
+    elif assistant is not None:
+        draft_config = assistant.generation_config
+    elif lookup:
+        return int(lookup)
+    else:
+        return 0
+    schedule = draft_config.num_assistant_tokens_schedule or "constant"
+    if schedule != "constant":
+        raise ValueError(f"num_assistant_tokens_schedule={schedule!r} grows the draft without bound, but a rolling "
+                         "cache reserves a fixed number of rollback slots: use 'constant' (and set "
+                         "num_assistant_tokens on the draft's generation config)")
+    return int(draft_config.num_assistant_tokens or DEFAULT_DRAFT_TOKENS)
+
+
+def _check_rollback(kwargs: dict, needed: int) -> int:
+    _, cache = _find_cache(kwargs)
+    if needed and isinstance(cache, SWACache) and cache.rollback < needed:
+        raise ValueError(f"speculative decoding drafts up to {needed} tokens, but the cache passed to generate() "
+                         f"can roll back {cache.rollback}: use swa_patch.make_cache(model, rollback={needed}) "
+                         "or let generate() make its cache")
+    return needed
+
+
+_MODULE_HOOKS = ("_top_level_hook", "_end_of_forward", "_announce_step", "_pending_layout")
+
+
+def install_generation_hooks(model) -> None:
+    """Hooks that make a patched model (and its ``generate()``) use an SWACache, and the
+    ``generate`` wrapper.  Every hook is a module-level function that finds its state through
+    the module it runs on: nothing captures ``model``."""
     from . import compat
-    state = patch_state(model)
-    handles = [model.register_forward_pre_hook(_top_level_hook(model, state), with_kwargs=True),
-               model.register_forward_hook(_end_of_forward, with_kwargs=True, always_call=True),
-               model.base_model.register_forward_pre_hook(_announce_step(state), with_kwargs=True)]
+    model.register_forward_pre_hook(_top_level_hook, with_kwargs=True)
+    model.register_forward_hook(_end_of_forward, with_kwargs=True, always_call=True)
+    model.base_model.register_forward_pre_hook(_announce_step, with_kwargs=True)
     for _, module in compat.attention_modules(model):
-        handles.append(module.register_forward_pre_hook(_pending_layout, with_kwargs=True))
-    if state["settings"].decodes_full:
-        model.generate = _recording_generate(model, state)
-    return handles
+        module.register_forward_pre_hook(_pending_layout, with_kwargs=True)
+    model.generate = PatchedGenerate(model)
 
 
-def remove_generation_hooks(model, handles) -> None:
-    for handle in handles:
-        handle.remove()
+def remove_generation_hooks(model) -> None:
+    """Remove what :func:`install_generation_hooks` added, found by identity (handles would
+    point at the original's hook dicts in a deep copy)."""
+    ours = {globals()[name] for name in _MODULE_HOOKS}
+    for module in model.modules():
+        for hooks, linked in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+                              (module._forward_hooks, (module._forward_hooks_with_kwargs,
+                                                       module._forward_hooks_always_called))):
+            for hook_id in [i for i, fn in hooks.items() if fn in ours]:
+                del hooks[hook_id]
+                for extra in linked:
+                    extra.pop(hook_id, None)
     model.__dict__.pop("generate", None)

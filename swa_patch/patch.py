@@ -60,7 +60,7 @@ def patch_model(model, window=None, sinks: int = 0, **options):
     setattr(text_config, CONFIG_KEY, settings.to_dict())
     setattr(model, STATE_ATTR, state)
     logger.info("swa_patch: patched %s (%d layers): %s", type(model).__name__, n_layers, settings)
-    state["hooks"] = install_generation_hooks(model)
+    install_generation_hooks(model)
     return model
 
 
@@ -71,7 +71,7 @@ def unpatch_model(model):
         return model
     if state.get("suspended"):
         raise RuntimeError("unpatch_model inside swa_patch.original_attention(model): leave the block first")
-    remove_generation_hooks(model, state.get("hooks", ()))
+    remove_generation_hooks(model)
     for _, module in compat.attention_modules(model):
         module.__dict__.pop("_swa_plan", None)
     compat.set_attn_implementation(model, state["attn"])

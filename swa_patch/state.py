@@ -2,9 +2,10 @@
 
 Keys: ``settings`` (:class:`~swa_patch.config.SWAConfig`), ``specs`` (one
 :class:`~swa_patch.masks.LayerSpec` per layer), ``attn`` (the attention implementation to
-restore), ``hooks`` (handles to remove), ``suspended`` (inside
-:func:`swa_patch.original_attention`), ``generate_prompt_end`` (prompt length of the
-``generate`` call in progress, for decode="full").
+restore), ``suspended`` (inside :func:`swa_patch.original_attention`), and for the
+``generate`` call in progress: ``generate_prompt_end`` (where its prompt ends, for
+decode="full") and ``generate_rollback`` (drafted tokens a crop may remove).  Nothing else
+of the patch lives outside the model's own modules, so a deep copy carries all of it.
 """
 from __future__ import annotations
 

@@ -1,0 +1,163 @@
+"""The paths a user takes around a patched model on day one: copies (deepcopy, pickling, TRL's
+reference model), plain LM labels with decode="full", beams / sampling / several return
+sequences with per-row prompt lengths, speculative decoding (a draft model, prompt lookup) and
+``pipeline``.  Each is checked against an independent reference: a freshly patched model with
+the same weights, the unpatched model under an explicit reference mask, or per-row runs."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from models import reference_logits, tiny_model
+from swa_patch import make_cache, original_attention, patch_model, unpatch_model
+from swa_patch.patch import layer_specs, patch_settings
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny matrices (see conftest)
+
+W = 5
+
+
+def _ids(n, b=1, seed=0):
+    return torch.randint(3, 90, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _greedy(model, ids, new=12, **kw):
+    return model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0, **kw)
+
+
+def _fresh(weights_of, settings, family="llama"):
+    """A newly built model of ``family`` with the weights of ``weights_of``, patched with
+    ``settings`` (None: left unpatched)."""
+    model = tiny_model(family)
+    model.load_state_dict(weights_of.state_dict())
+    return model if settings is None else patch_model(model, settings=settings)
+
+
+# ---- 1. copies carry their own state ----------------------------------------------------------
+def _pickled(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _trl_reference(model):
+    try:
+        from trl.experimental.utils import create_reference_model
+    except ImportError:                                         # TRL < 1.x
+        from trl import create_reference_model
+    return create_reference_model(model)
+
+
+CLONES = {"deepcopy": copy.deepcopy, "pickle": _pickled, "trl": _trl_reference}
+
+
+@pytest.mark.parametrize("decode", ["full", "window"])
+@pytest.mark.parametrize("clone", sorted(CLONES))
+def test_a_copy_generates_with_its_own_weights(clone, decode):
+    model = patch_model(tiny_model("llama"), window=W, sinks=2, decode=decode, backend="sdpa")
+    ids = _ids(14)
+    before = _greedy(model, ids)
+    twin = CLONES[clone](model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+    ours = _greedy(twin, ids)
+    assert not torch.equal(ours, before)                        # the perturbation shows in the tokens
+    torch.testing.assert_close(ours, _greedy(_fresh(twin, patch_settings(model)), ids), atol=0, rtol=0)
+    torch.testing.assert_close(_greedy(model, ids), before, atol=0, rtol=0)   # the original is untouched
+    with torch.no_grad(), original_attention(twin):
+        logits = twin(ids).logits
+        reference = _fresh(twin, None)(ids).logits
+    torch.testing.assert_close(logits, reference, atol=1e-6, rtol=0)
+    unpatch_model(twin)                                         # the copy's hooks, not the original's
+    assert patch_settings(model) is not None and "generate" not in twin.__dict__
+    torch.testing.assert_close(_greedy(model, ids), before, atol=0, rtol=0)
+
+
+def test_a_shallow_copy_is_the_same_patched_model():
+    model = patch_model(tiny_model("llama"), window=W, sinks=2, decode="full", backend="sdpa")
+    ids = _ids(14)
+    torch.testing.assert_close(_greedy(copy.copy(model), ids), _greedy(model, ids), atol=0, rtol=0)
+
+
+# ---- 2. decode="full" never runs dense without being asked ------------------------------------
+def test_plain_labels_with_decode_full_are_refused_unless_the_boundary_is_given():
+    model = patch_model(tiny_model("llama"), window=W, decode="full", backend="sdpa")
+    ids = _ids(20, b=2)
+    with pytest.raises(ValueError, match="-100 prefix"):
+        model(ids, labels=ids)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    labels = ids.masked_fill(mask == 0, -100)                   # pads masked, the prompt is not
+    with pytest.raises(ValueError, match=r"row\(s\) \[0, 1\]"):
+        model(ids, attention_mask=mask, labels=labels)
+    prompt = ids.masked_fill(torch.arange(20) < 8, -100)        # a prompt prefix: trains as asked
+    assert torch.isfinite(model(ids, labels=prompt).loss)
+    explicit = model(ids, labels=ids, prompt_lengths=1).loss     # dense on purpose: the unpatched loss
+    torch.testing.assert_close(explicit, unpatch_model(model)(ids, labels=ids).loss, atol=1e-5, rtol=0)
+
+
+def test_a_one_token_prompt_with_decode_full_is_refused_unless_the_boundary_is_given():
+    model = patch_model(tiny_model("llama"), window=W, decode="full", backend="sdpa")
+    with pytest.raises(ValueError, match="prompt_lengths="):
+        _greedy(model, _ids(1))
+    with pytest.raises(ValueError, match="first real token"):   # a manual stream that starts with one token
+        model(_ids(1), cache=make_cache(model))
+    assert _greedy(model, _ids(1), prompt_lengths=1).shape == (1, 13)
+
+
+# ---- 3. beams, sampling, several return sequences with per-row boundaries ---------------------
+def _left_padded(lengths, seed=3):
+    n = max(lengths)
+    ids = _ids(n, b=len(lengths), seed=seed)
+    mask = (torch.arange(n)[None] >= n - torch.tensor(lengths)[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("decode", ["full", "window"])
+def test_beam_search_with_per_row_prompt_lengths_equals_each_row_alone(decode):
+    model = patch_model(tiny_model("llama", seed=2), window=W, sinks=2, decode=decode, backend="sdpa")
+    ids, mask = _left_padded([18, 15])
+    rows = dict(prompt_lengths=[12, 18]) if decode == "full" else {}          # stream indices, pads included
+    kw = dict(new=10, num_beams=3, num_return_sequences=2, output_scores=True, return_dict_in_generate=True)
+    batch = _greedy(model, ids, attention_mask=mask, **kw, **rows)
+    for row in range(2):
+        pads = int((mask[row] == 0).sum())
+        alone_rows = dict(prompt_lengths=rows["prompt_lengths"][row] - pads) if rows else {}
+        alone = _greedy(model, ids[row:row + 1, pads:], **kw, **alone_rows)
+        got = batch.sequences[2 * row:2 * row + 2, pads:]
+        torch.testing.assert_close(got, alone.sequences, atol=0, rtol=0)
+        torch.testing.assert_close(batch.sequences_scores[2 * row:2 * row + 2], alone.sequences_scores,
+                                   atol=1e-5, rtol=0)
+
+
+def test_sampled_return_sequences_follow_the_reference_with_per_row_boundaries():
+    """Every step's logits of sampled, left-padded, several-return-sequence generation equal the
+    unpatched model's under the reference mask over the final sequences, each row with its
+    own boundary."""
+    model = patch_model(tiny_model("llama", seed=4), window=W, sinks=2, decode="full", backend="sdpa")
+    ids, mask = _left_padded([16, 11], seed=5)
+    torch.manual_seed(0)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=30,
+                         num_return_sequences=3, prompt_lengths=[9, 16], pad_token_id=0,
+                         return_dict_in_generate=True, output_logits=True)
+    steps = torch.stack(out.logits, 1)                                      # [6, 10, V]
+    full_mask = torch.cat([mask.repeat_interleave(3, 0), torch.ones(6, 10, dtype=mask.dtype)], 1)
+    full_from = torch.tensor([9, 16]).repeat_interleave(3) - 1
+    specs = layer_specs(model)
+    reference = reference_logits(_fresh(model, None), specs, out.sequences, full_mask, full_from)[:, 15:-1]
+    torch.testing.assert_close(steps, reference, atol=2e-5, rtol=0)
+    wrong = reference_logits(_fresh(model, None), specs, out.sequences, full_mask, full_from + 1)[:, 15:-1]
+    assert (steps - wrong).abs().max() > 1e-3                                # a boundary one row late fails
+
+
+def test_static_cache_beams_equal_the_dynamic_cache():
+    model = patch_model(tiny_model("llama"), window=W, sinks=2, positions="original", backend="sdpa")
+    ids, mask = _left_padded([14, 10])
+    kw = dict(new=10, num_beams=3, attention_mask=mask)
+    torch.testing.assert_close(_greedy(model, ids, cache=make_cache(model, static=True), **kw),
+                               _greedy(model, ids, **kw), atol=0, rtol=0)
