@@ -161,3 +161,97 @@ def test_static_cache_beams_equal_the_dynamic_cache():
     kw = dict(new=10, num_beams=3, attention_mask=mask)
     torch.testing.assert_close(_greedy(model, ids, cache=make_cache(model, static=True), **kw),
                                _greedy(model, ids, **kw), atol=0, rtol=0)
+
+
+# ---- 4. speculative decoding: the rolling cache rolls back what a draft got wrong --------------
+def _true_logits(model, ids):
+    """Token-by-token logits of ``ids`` through a plain rolling cache (no rollback)."""
+    cache = make_cache(model)
+    with torch.no_grad():
+        return torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(ids.shape[1])], 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("positions", ["original", "shift"])
+def test_crop_within_rollback_equals_never_having_seen_the_dropped_tokens(family, positions):
+    """Real tokens interleaved with drafted junk that is cropped again (as a chunk, the way the
+    target verifies, or token by token, the way a draft drafts): the real tokens' logits equal a
+    stream that never saw the junk, past many evictions, sinks and frame rebases."""
+    k = 4
+    model = patch_model(tiny_model(family), window=W, sinks=2, positions=positions, backend="sdpa")
+    ids, junk = _ids(48, seed=1), _ids(48 * k, seed=2)
+    cache = make_cache(model, rollback=k)
+    got, t = [], 0
+    with torch.no_grad():
+        while t < ids.shape[1]:
+            real = min(1 + t % 3, ids.shape[1] - t)                   # 1-3 real tokens, then junk
+            drafted = junk[:, t * k:t * k + 1 + t % k]                # 1..k junk tokens
+            if t % 2:                                                 # verified as one chunk
+                logits = model(torch.cat([ids[:, t:t + real], drafted], 1), cache=cache).logits[:, :real]
+            else:                                                     # or fed one by one, as a draft does
+                logits = model(ids[:, t:t + real], cache=cache).logits
+                for j in range(drafted.shape[1]):
+                    model(drafted[:, j:j + 1], cache=cache)
+            cache.crop(-drafted.shape[1])
+            got.append(logits)
+            t += real
+    assert cache.base > 0 or positions == "original"                  # shift mode rebased on the way
+    torch.testing.assert_close(torch.cat(got, 1), _true_logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_crop_beyond_the_reserved_rollback_is_refused():
+    model = patch_model(tiny_model("llama"), window=W, sinks=2, backend="sdpa")
+    cache = make_cache(model, rollback=3)
+    with torch.no_grad():
+        model(_ids(30), cache=cache)
+    cache.crop(-3)
+    with torch.no_grad():
+        model(_ids(3, seed=1), cache=cache)
+    with pytest.raises(ValueError, match="rollback=K"):
+        cache.crop(-4)
+    assert cache.is_croppable and not make_cache(model).is_croppable
+    with pytest.raises(ValueError, match="rollback must be an int >= 0"):
+        make_cache(model, rollback=-1)
+    with pytest.raises(ValueError, match="cannot roll back"):
+        make_cache(model, rollback=2, static=True)
+
+
+def _record_crops(monkeypatch):
+    from swa_patch.cache import SWACache
+    removed, crop = [], SWACache.crop
+    monkeypatch.setattr(SWACache, "crop", lambda self, n: (removed.append(-n), crop(self, n))[1])
+    return removed
+
+
+def _draft_of(model, window, tokens):
+    draft = patch_model(unpatch_model(copy.deepcopy(model)), window=window, sinks=1, backend="sdpa")
+    draft.generation_config.num_assistant_tokens = tokens
+    return draft
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gemma3_text"])
+@pytest.mark.parametrize("positions", ["original", "shift"])
+def test_speculative_decoding_gives_the_tokens_of_plain_greedy(monkeypatch, family, positions):
+    """A patched draft (the same weights at a smaller window: it agrees often, not always), an
+    unpatched draft and prompt lookup: the tokens equal plain greedy decoding of the patched
+    model over 40 new tokens (the window of 5 slides 40 times; shift mode rebases)."""
+    model = patch_model(tiny_model(family), window=W, sinks=2, positions=positions, backend="sdpa")
+    ids = _ids(9, seed=4)
+    plain = _greedy(model, ids, new=40)
+    removed = _record_crops(monkeypatch)
+    unpatched_draft = tiny_model(family, seed=7)
+    unpatched_draft.generation_config.num_assistant_tokens = 3
+    for how in (dict(assistant_model=_draft_of(model, 3, 4)), dict(assistant_model=unpatched_draft),
+                dict(prompt_lookup_num_tokens=3)):
+        torch.testing.assert_close(_greedy(model, ids, new=40, **how), plain, atol=0, rtol=0, msg=str(how))
+    assert max(removed) >= 2                   # drafted tokens were rejected and rolled back, several at once
+
+
+def test_speculative_decoding_refusals():
+    model = patch_model(tiny_model("llama"), window=W, sinks=2, backend="sdpa")
+    draft = _draft_of(model, 3, 4)
+    draft.generation_config.num_assistant_tokens_schedule = "heuristic"
+    with pytest.raises(ValueError, match="num_assistant_tokens_schedule='heuristic'"):
+        _greedy(model, _ids(9), assistant_model=draft)
+    with pytest.raises(ValueError, match=r"make_cache\(model, rollback=3\)"):
+        _greedy(model, _ids(9), prompt_lookup_num_tokens=3, cache=make_cache(model, rollback=2))
