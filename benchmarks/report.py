@@ -7,7 +7,8 @@ from the code) only.
 
 Each block in the README sits between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``;
 NAME is a key of :data:`SECTIONS`.  Every table says which command, commit, machine and
-versions produced its CSV (the CSV's provenance columns), so a figure can be traced to one run.
+versions produced its CSV (the CSV's provenance columns), so a figure can be traced to one run,
+and is marked **stale** when a file it measures (:data:`MEASURES`) changed in a later commit.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import csv
 import os
 import re
+import subprocess
 import sys
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -38,8 +40,42 @@ def pick(data, **match):
     return found[0]
 
 
+# The code each CSV measures: a change to any of these after the CSV's commit makes it stale.
+ATTENTION = ("swa_patch/attention.py", "swa_patch/masks.py", "swa_patch/backends")
+CACHE = ATTENTION + ("swa_patch/cache.py", "swa_patch/generation.py", "swa_patch/rope.py")
+MEASURES = {
+    "prefill_scaling.csv": ATTENTION + ("benchmarks/prefill_scaling.py",),
+    "varying_prompts.csv": ATTENTION + ("benchmarks/varying_prompts.py",),
+    "dilation.csv": ATTENTION + ("benchmarks/dilation.py",),
+    "receptive.csv": ATTENTION + ("swa_patch/receptive.py", "benchmarks/dilation.py"),
+    "train_step.csv": ATTENTION + ("benchmarks/train_step.py",),
+    "cache_decode.csv": CACHE + ("benchmarks/cache_decode.py",),
+    "compiled_decode.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/compiled_decode.py"),
+    "decode_after_long_prefill.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/decode_after_long_prefill.py"),
+    "speculative.csv": CACHE + ("benchmarks/speculative.py",),
+    "stream_smollm2_40k.csv": CACHE + ("swa_patch/streaming.py",),
+    "stream_chunked_vs_tbt.csv": CACHE + ("swa_patch/streaming.py", "benchmarks/stream_chunked.py"),
+    "attention_sinks_compare.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/attention_sinks_compare.py",
+                                            "benchmarks/attention_sinks_side.py"),
+    "smollm2_window_finetune.csv": ATTENTION + ("recipes", "benchmarks/smollm2_window_finetune.py"),
+    "long_range_study.csv": CACHE + ("swa_patch/retrieval.py", "recipes", "benchmarks/long_range_study.py"),
+    "gpu_check_h200.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/gpu_check.py"),
+}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def changed_since(name, commit):
+    """The files :data:`MEASURES` lists for ``name`` that commits after ``commit`` changed (up to
+    HEAD), or None when ``commit`` is not in this checkout's history."""
+    commit = commit.removesuffix("+dirty")
+    out = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *MEASURES[name]], cwd=ROOT,
+                         capture_output=True, text=True)
+    return out.stdout.split() if out.returncode == 0 else None
+
+
 def source(name):
-    """Where a CSV's figures come from: its command, commit, date, machine and versions."""
+    """Where a CSV's figures come from: its command, commit, date, machine and versions; and
+    whether the code it measures changed since (then the table is stale, and says so)."""
     data = rows(name)
     if not data:
         return f"*(`{name}` not measured yet)*"
@@ -47,8 +83,15 @@ def source(name):
     if not r.get("command"):
         return f"*(`{name}`: {NO_PROVENANCE})*"
     threads = f", {r['threads']} thread{'' if r.get('threads') == '1' else 's'}" if r.get("threads") else ""
-    return (f"`{name}`: `{r['command']}` at {r['commit']} ({r['date']}; {r['machine']}{threads}; "
+    line = (f"`{name}`: `{r['command']}` at {r['commit']} ({r['date']}; {r['machine']}{threads}; "
             f"torch {r['torch']}, transformers {r['transformers']})")
+    changed = changed_since(name, r["commit"])
+    if changed is None:
+        return f"{line}. **Stale?** commit {r['commit']} is not in this history"
+    if changed:
+        files = ", ".join(f"`{f}`" for f in changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        return f"{line}. **Stale**: measured at {r['commit']}; changed since: {files}"
+    return line
 
 
 # ---- formatting ---------------------------------------------------------------------------
@@ -443,6 +486,9 @@ SECTIONS = {
     "compiled_decode": compiled_decode, "stream": stream,
     "attention_sinks": csv_table("attention_sinks_compare.csv", ["method", "tokens", "ppl", "tokens_per_s",
                                                                  "speedup_vs_attention_sinks"]),
+    "speculative": csv_table("speculative.csv", ["method", "drafted_per_step", "prompt_tokens", "new_tokens",
+                                                 "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "vs_greedy",
+                                                 "same_tokens"]),
     "stream_chunked": csv_table("stream_chunked_vs_tbt.csv", ["chunk", "tokens", "ppl", "seconds", "tokens_per_s",
                                                                "speedup_vs_token_by_token", "ppl_rel_diff"]),
     "dilation": csv_table("dilation.csv", ["backend", "dilation", "n", "window", "median_s", "ratio_vs_d1",

@@ -28,6 +28,10 @@ def patch_model(model, window=None, sinks: int = 0, **options):
     with other settings an error.
     """
     settings = options.pop("settings", None) or SWAConfig.from_kwargs(window, sinks, options)
+    inner = _wrapped_model(model)
+    if inner is not model:                      # a peft model: patch the transformers model inside
+        patch_model(inner, settings=settings)
+        return model
     text_config = _check_model(model)
     family = family_of(text_config)
     n_layers = text_config.num_hidden_layers
@@ -66,6 +70,10 @@ def patch_model(model, window=None, sinks: int = 0, **options):
 
 def unpatch_model(model):
     """Undo :func:`patch_model` exactly; a model that is not patched is returned unchanged."""
+    inner = _wrapped_model(model)
+    if inner is not model:
+        unpatch_model(inner)
+        return model
     state = patch_state(model)
     if state is None:
         return model
@@ -100,6 +108,13 @@ def original_attention(model):
     finally:
         state["suspended"] = False
         compat.set_attn_implementation(base, compat.ATTN_NAME)
+
+
+def _wrapped_model(model):
+    """The transformers model inside a peft wrapper (``get_base_model``), else ``model``: hooks
+    and the generate wrapper belong on the model whose own forward ``generate()`` calls."""
+    get_base_model = getattr(type(model), "get_base_model", None)
+    return model.get_base_model() if callable(get_base_model) else model
 
 
 def _check_model(model):

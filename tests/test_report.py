@@ -114,3 +114,29 @@ def test_commit_is_dirty_for_code_changes_only(tmp_path):
     assert git_commit(str(tmp_path)) == clean
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(str(tmp_path)) == clean + "+dirty"
+
+
+def test_a_table_older_than_its_code_is_marked_stale(report, results):
+    import subprocess
+
+    def set_commit(commit):
+        path = results / "varying_prompts.csv"
+        with open(path) as f:
+            data = list(csv.DictReader(f))
+        for r in data:
+            r["commit"] = commit
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(data[0]))
+            writer.writeheader()
+            writer.writerows(data)
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.split()[0]  # noqa: E731
+    set_commit(git("rev-list", "--max-parents=0", "HEAD"))                # before any code existed
+    line = report.source("varying_prompts.csv")
+    assert "**Stale**" in line and "`swa_patch/attention.py`" in line
+    set_commit(git("rev-parse", "--short", "HEAD") + "+dirty")
+    assert "Stale" not in report.source("varying_prompts.csv")
+    set_commit("0000000")
+    assert "not in this history" in report.source("varying_prompts.csv")
+    assert set(report.MEASURES) >= {n for n in os.listdir(results) if n.endswith(".csv")} - {
+        "long_range_study_probes.csv"}, "every CSV names the code it measures"

@@ -255,3 +255,87 @@ def test_speculative_decoding_refusals():
         _greedy(model, _ids(9), assistant_model=draft)
     with pytest.raises(ValueError, match=r"make_cache\(model, rollback=3\)"):
         _greedy(model, _ids(9), prompt_lookup_num_tokens=3, cache=make_cache(model, rollback=2))
+
+
+# ---- 6. pipeline, Trainer, peft in either order ------------------------------------------------
+def _word_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary: token ``wN`` is id ``N``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, 97)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def test_pipeline_text_generation_runs_the_patched_model():
+    from transformers import pipeline
+
+    model = patch_model(tiny_model("llama"), window=W, sinks=2, backend="sdpa")
+    tokenizer = _word_tokenizer()
+    ids = _ids(20, seed=6)
+    text = " ".join(f"w{i}" for i in ids[0].tolist())
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    out = generator(text, max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
+    patched = tokenizer.decode(_greedy(model, ids)[0, 20:])
+    unpatched = tokenizer.decode(_greedy(_fresh(model, None), ids)[0, 20:])
+    assert out.split() == patched.split() and patched != unpatched
+
+
+def test_hf_trainer_loss_is_the_reference_loss_and_it_trains(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = patch_model(tiny_model("llama").train(), window=W, sinks=2)
+    reference = _fresh(model, None).train()
+    ids = _ids(40, b=4, seed=8)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+    from models import reference_attention
+    with torch.no_grad(), reference_attention(reference, layer_specs(model), 40):
+        expected = reference(ids, labels=ids).loss
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=0)
+    before = model.lm_head.weight.detach().clone()
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss)) and not torch.equal(model.lm_head.weight, before)
+
+
+def test_peft_before_or_after_patch_model_is_the_same_patched_model():
+    from peft import LoraConfig, get_peft_model
+
+    lora = lambda m: get_peft_model(m, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],  # noqa: E731
+                                                  init_lora_weights=False))
+    torch.manual_seed(0)
+    before = patch_model(lora(tiny_model("llama")), window=W, sinks=2, backend="sdpa")      # peft, then patch
+    after = lora(patch_model(tiny_model("llama"), window=W, sinks=2, backend="sdpa"))      # patch, then peft
+    after.load_state_dict(before.state_dict())
+    ids = _ids(30, seed=9)
+    merged = lora(tiny_model("llama"))
+    merged.load_state_dict(before.state_dict())
+    merged = merged.merge_and_unload()                                      # the unpatched reference
+    expected = reference_logits(merged, layer_specs(before.get_base_model()), ids)
+    for model in (before, after):
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
+    kw = dict(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(before.generate(**kw), after.generate(**kw), atol=0, rtol=0)
+    unpatch_model(before)
+    with torch.no_grad():
+        torch.testing.assert_close(before(ids).logits, merged(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_pipeline_with_the_real_smollm2():
+    from transformers import pipeline
+
+    from swa_patch.models import load_model, load_text
+    model, tokenizer = load_model()
+    patch_model(model, window=64, sinks=4)
+    text = tokenizer.decode(tokenizer(load_text()).input_ids[:300])
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    out = generator(text, max_new_tokens=16, do_sample=False, return_full_text=False)[0]["generated_text"]
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    direct = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    assert out == tokenizer.decode(direct[0, ids.shape[1]:], skip_special_tokens=True)
