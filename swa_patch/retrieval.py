@@ -303,9 +303,14 @@ def recall_table(copies: list[CopyTrial], reference: str = "dense") -> list[Reca
 
 
 def effective_reach(recalls: list[RecallRow], config: str, threshold: float = 0.5) -> int | None:
-    """The largest distance whose recall is >= ``threshold`` (None: none is)."""
-    kept = [r.distance for r in recalls if r.config == config and r.recall >= threshold]
-    return max(kept) if kept else None
+    """The largest distance before the first one whose recall is below ``threshold`` (None: the
+    shortest already is).  A pass farther out after a failure does not extend the reach."""
+    reach = None
+    for row in sorted((r for r in recalls if r.config == config), key=lambda r: r.distance):
+        if row.recall < threshold:
+            break
+        reach = row.distance
+    return reach
 
 
 def passkey_table(keys: list[PasskeyTrial]) -> dict[tuple[str, int, float], float]:

@@ -84,12 +84,16 @@ def reference_attention(model, specs, n: int, attention_mask=None, full_from=Non
 
 def wrong_specs(specs) -> dict:
     """The ways a patch could be wrong by one: every window one key shorter or longer, every
-    dilation one larger, no window at all (the unpatched model)."""
+    dilation one larger, one sink more or fewer, no window at all (the unpatched model)."""
     def edit(**change):
         return [s if s.window is None else dataclasses.replace(
             s, **{k: max(1, f(s)) for k, f in change.items()}) for s in specs]
     variants = {"unpatched": [LayerSpec(None)] * len(specs),
-                "W-1": edit(window=lambda s: s.window - 1), "W+1": edit(window=lambda s: s.window + 1)}
+                "W-1": edit(window=lambda s: s.window - 1), "W+1": edit(window=lambda s: s.window + 1),
+                "sinks+1": [s if s.window is None else dataclasses.replace(s, sinks=s.sinks + 1) for s in specs]}
+    if any(s.window is not None and s.sinks for s in specs):
+        variants["sinks-1"] = [s if s.window is None else dataclasses.replace(s, sinks=max(0, s.sinks - 1))
+                               for s in specs]
     if any(s.window is not None and s.dilation > 1 and s.head_dilations is None for s in specs):
         variants["dilation+1"] = edit(dilation=lambda s: s.dilation + 1 if s.head_dilations is None else s.dilation)
     return variants

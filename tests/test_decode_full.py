@@ -9,14 +9,13 @@ from hypothesis import given, settings, strategies as st
 from transformers import DynamicCache
 
 import swa_patch
-from attn_cases import assert_close_valid, left_padding, random_qkv
+from attn_cases import assert_close_valid, dense_attention, left_padding, random_qkv
 from models import (FAMILY_CONFIGS, assert_matches_reference_only, reference_attention, reference_logits,
                     tiny_model)
 from swa_patch import SWAConfig, make_cache, original_attention, patch_model, unpatch_model
 from swa_patch.attention import LayerPlan, MaskInfo, run_plan
 from swa_patch.compat import enable_activation_checkpointing
 from swa_patch.backends import flash
-from swa_patch.backends.layout import math_attention
 from swa_patch.generation import label_prompt_ends
 from swa_patch.masks import LayerSpec, reference_mask
 from swa_patch.patch import layer_specs
@@ -33,7 +32,7 @@ def _ids(n, b=2, seed=0):
 def _reference(q, k, v, spec, padding, full_from):
     mask = reference_mask(spec, q.shape[2], padding, full_from=full_from)
     mask = mask[:, None] if mask.dim() == 3 else mask
-    return math_attention(q, k, v, mask, q.shape[-1] ** -0.5).transpose(1, 2)
+    return dense_attention(q, k, v, mask, q.shape[-1] ** -0.5).transpose(1, 2)
 
 
 def _run(backend, q, k, v, spec, padding, full_from):
@@ -137,9 +136,7 @@ def test_each_cpu_backend_in_a_model(backend):
         out = model(ids, prompt_lengths=prompt).logits
         specs = layer_specs(model)
         unpatch_model(model)
-        with reference_attention(model, specs, n, full_from=prompt - 1):
-            ref = model(ids).logits
-    torch.testing.assert_close(out, ref, atol=ATOL, rtol=ATOL)
+    assert_matches_reference_only(model, out, specs, ids, full_from=prompt - 1, atol=ATOL, rtol=ATOL)
 
 
 def test_a_forward_without_a_boundary_windows_all_but_its_last_query():
@@ -162,9 +159,7 @@ def test_a_list_of_layers_decodes_fully_and_the_others_keep_the_window():
         assert [s.decode_full for s in specs] == [False, True, False, True]
         out = model(ids, prompt_lengths=prompt).logits
         unpatch_model(model)
-        with reference_attention(model, specs, n, full_from=prompt - 1):
-            ref = model(ids).logits
-    torch.testing.assert_close(out, ref, atol=ATOL, rtol=ATOL)
+    assert_matches_reference_only(model, out, specs, ids, full_from=prompt - 1, atol=ATOL, rtol=ATOL)
 
 
 # ---- the cache: prefill + decode == the parallel forward, chunking never moves the boundary ------
@@ -379,4 +374,9 @@ def test_decode_setting_survives_a_checkpoint(tmp_path):
     swa_patch.save_pretrained(model, tmp_path)
     loaded = swa_patch.from_pretrained(tmp_path)
     assert swa_patch.patch.patch_settings(loaded).decode == [1]
-    assert layer_specs(loaded) == layer_specs(model)
+    ids = _ids(40)
+    with torch.no_grad():                     # the reloaded model answers like the saved one
+        torch.testing.assert_close(loaded(ids, prompt_lengths=[25, 30]).logits,
+                                   model(ids, prompt_lengths=[25, 30]).logits, atol=0, rtol=0)
+        windowed = patch_model(tiny_model("llama"), window=W, sinks=2)(ids).logits
+    assert (loaded(ids, prompt_lengths=[25, 30]).logits - windowed).abs().max() > 1e-3

@@ -57,8 +57,10 @@ def test_crop_errors():
     cache = make_cache(shift)
     with torch.no_grad():
         shift(_ids(12), cache=cache)
-    with pytest.raises(ValueError, match="positions='shift'.*cannot crop"):
-        cache.crop(-1)
+    with pytest.raises(ValueError, match=r"keeps 1 token\(s\) of rollback .*make_cache\(model, rollback=K\)"):
+        cache.crop(-2)                       # shift mode crops too (the frame stays), within the rollback
+    cache.crop(-1)
+    assert cache.get_seq_length() == 11
 
 
 def test_flash_unavailable_is_named(monkeypatch):

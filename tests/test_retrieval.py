@@ -3,7 +3,6 @@ the `swa-patch eval retrieval` command; the real-model regimes in a slow test.""
 from __future__ import annotations
 
 import csv
-import math
 
 import pytest
 import torch
@@ -89,12 +88,27 @@ def test_recall_is_the_share_of_the_dense_drop():
     assert effective_reach(list(table.values()), "dense") == 20
 
 
-def test_copy_probe_runs_on_a_patched_model():
+def test_reach_ends_at_the_first_failure():
+    """Recall 0.9, 0.3, 0.8 at 10, 20, 40: the reach is 10, not the farthest pass."""
+    rows = [CopyTrial("dense", d, 0, 0.0, 1.0, 1.0, 0.0) for d in (10, 20, 40)]
+    rows += [CopyTrial("window", d, 0, 1.0 - r, 1.0, 1.0, 0.0) for d, r in ((10, 0.9), (20, 0.3), (40, 0.8))]
+    table = recall_table(rows)
+    assert [round(r.recall, 6) for r in table if r.config == "window"] == [0.9, 0.3, 0.8]
+    assert effective_reach(table, "window") == 10
+    assert effective_reach(table, "window", threshold=0.95) is None
+
+
+def test_copy_probe_sees_nothing_beyond_the_receptive_field():
+    """2 layers of W=8 reach 15 tokens back: at distance 64 the first copy cannot reach the
+    repeat, so probe and control score bit-identically; the dense model tells them apart."""
     model = patch_model(tiny_model("llama"), window=8, backend="sdpa")
+    assert theoretical_reach(model) == 15
     ids = torch.randint(3, 97, (3000,), generator=torch.Generator().manual_seed(2))
     rows = copy_probe(model, ids, [16, 64], span=8, lead=4, trials=3, progress=False, config="w")
     assert [(r.distance, r.trial) for r in rows] == [(16, 0), (16, 1), (16, 2), (64, 0), (64, 1), (64, 2)]
-    assert all(math.isfinite(r.nll_probe) and math.isfinite(r.nll_control) for r in rows)
+    assert all(r.nll_probe == r.nll_control and r.acc_probe == r.acc_control for r in rows if r.distance == 64)
+    dense = copy_probe(unpatch_model(model), ids, [64], span=8, lead=4, trials=3, progress=False, config="d")
+    assert all(r.nll_probe != r.nll_control for r in dense)
 
 
 class _CharTokenizer:

@@ -79,16 +79,23 @@ def test_one_graph_no_break_no_recompile_and_2000_compiled_steps_equal_eager(pos
 
 @pytest.mark.parametrize("options", [dict(window=[6, None]), dict(positions="shift")])
 def test_compiled_generate_equals_eager_generate(options):
+    """A left-padded batch of 2: the decode steps run compiled (dynamo's graph count: at most 2
+    for all 40 steps) and give the eager tokens."""
     model = _model(**options)
-    ids = _ids(16, seed=5)
+    ids = torch.cat([_ids(16, seed=5), _ids(16, seed=6)])
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
     config = CompileConfig(fullgraph=True, mode="default")
     config._compile_all_devices = True                  # transformers compiles on CUDA only unless told
+    kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        eager = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0,
-                               cache=make_cache(model, static=True, max_cache_len=64))
-        compiled = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0,
-                                  cache=make_cache(model, static=True, max_cache_len=64), compile_config=config)
-    assert hasattr(model, "_compiled_call")             # the decode steps ran the compiled forward
+        eager = model.generate(ids, cache=make_cache(model, static=True, max_cache_len=64), **kw)
+        torch._dynamo.reset()
+        dynamo_utils.counters.clear()
+        compiled = model.generate(ids, cache=make_cache(model, static=True, max_cache_len=64), compile_config=config,
+                                  **kw)
+    stats = dict(dynamo_utils.counters["stats"])       # the padding mask grows: one dynamic-shape recompile
+    assert 1 <= stats.get("unique_graphs", 0) <= 2 and stats.get("calls_captured", 0) > 0, stats
     assert torch.equal(eager, compiled)
 
 
