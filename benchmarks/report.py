@@ -2,10 +2,10 @@
 from the code) only.
 
     python benchmarks/report.py                      # print every section
-    python benchmarks/report.py --write README.md    # rewrite each <!-- report:NAME --> block
-    python benchmarks/report.py --check README.md    # exit 1 naming the blocks that differ
+    python benchmarks/report.py --write              # rewrite each <!-- report:NAME --> block of PAGES
+    python benchmarks/report.py --check              # exit 1 naming the blocks that differ
 
-Each block in the README sits between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``;
+Each block (in the README and the docs pages, :data:`PAGES`) sits between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``;
 NAME is a key of :data:`SECTIONS`.  Every table says which command, commit, machine and
 versions produced its CSV (the CSV's provenance columns), so a figure can be traced to one run,
 and is marked **stale** when a file it measures (:data:`MEASURES`) changed in a later commit.
@@ -53,6 +53,7 @@ MEASURES = {
     "compiled_decode.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/compiled_decode.py"),
     "decode_after_long_prefill.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/decode_after_long_prefill.py"),
     "speculative.csv": CACHE + ("benchmarks/speculative.py",),
+    "streaming_demo.csv": CACHE + ("swa_patch/streaming.py", "examples/streaming_demo.py"),
     "stream_smollm2_40k.csv": CACHE + ("swa_patch/streaming.py",),
     "stream_chunked_vs_tbt.csv": CACHE + ("swa_patch/streaming.py", "benchmarks/stream_chunked.py"),
     "attention_sinks_compare.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/attention_sinks_compare.py",
@@ -446,42 +447,79 @@ def t_distill():
                              f"{kd['recall_W/2']} vs {ce['recall_W/2']}, at 2W {kd['recall_2W']} vs {ce['recall_2W']}")
 
 
-TARGETS = [   # (the target as the issues state it, its check and figures from the CSVs)
-    ("attention forward, n=16k, W=512: ≥ 12x dense causal SDPA", t_attention_fwd),
-    ("attention forward+backward, n=16k: ≥ 5x", t_attention_bwd),
-    ("peak memory linear in n", t_memory),
-    ("model prefill 16k, W=1024: ≥ 2x unpatched, faster than transformers' window", t_model_prefill),
-    ("short inputs (n ≤ W) within 5 % of unpatched", t_short),
-    ("SmolLM2 streamed to 40,960 tokens (5x its 8k context), 4 + 1020 cache (no threshold)", t_stream),
-    ("chunked streaming evaluation ≥ 10x token-by-token, same ppl", t_chunked),
-    ("decode time at 32k within 1.1x of 2k", t_decode_32k),
-    ("peak RSS streaming 100k within 10 % of 10k", t_rss),
-    ("≥ 1.5x tokens/s of attention_sinks 0.4 (token by token, SmolLM2-135M, 1 thread)", t_attention_sinks),
-    ("dilated prefill d=4 within 1.5x of d=1 (n=16k, W=512)", t_dilation),
-    ("LoRA step at 16k, W=1024: ≥ 2x dense", t_train),
-    ("windowed SmolLM2 perplexity lower after fine-tuning", t_finetune),
-    ("12 prompts of 12 lengths (2k–16k) through `auto`: total ≤ 1.1x the sdpa band, compiles included", t_varying),
-    ("compiled decode step ≥ 1.3x eager (SmolLM2-135M, 1 thread, 4 + 1020 static cache)", t_compiled),
-    ("decode step at stream position 32k ≤ 1.05x the unpatched model's at a 1k cache", t_position),
+TARGETS = [   # (the target as the issues state it, its check and figures, the CSV they come from)
+    ("attention forward, n=16k, W=512: ≥ 12x dense causal SDPA", t_attention_fwd, "prefill_scaling.csv"),
+    ("attention forward+backward, n=16k: ≥ 5x", t_attention_bwd, "prefill_scaling.csv"),
+    ("peak memory linear in n", t_memory, "prefill_scaling.csv"),
+    ("model prefill 16k, W=1024: ≥ 2x unpatched, faster than transformers' window", t_model_prefill,
+     "prefill_scaling.csv"),
+    ("short inputs (n ≤ W) within 5 % of unpatched", t_short, "prefill_scaling.csv"),
+    ("SmolLM2 streamed to 40,960 tokens (5x its 8k context), 4 + 1020 cache (no threshold)", t_stream,
+     "stream_smollm2_40k.csv"),
+    ("chunked streaming evaluation ≥ 10x token-by-token, same ppl", t_chunked, "stream_chunked_vs_tbt.csv"),
+    ("decode time at 32k within 1.1x of 2k", t_decode_32k, "cache_decode.csv"),
+    ("peak RSS streaming 100k within 10 % of 10k", t_rss, "cache_decode.csv"),
+    ("≥ 1.5x tokens/s of attention_sinks 0.4 (token by token, SmolLM2-135M, 1 thread)", t_attention_sinks,
+     "attention_sinks_compare.csv"),
+    ("dilated prefill d=4 within 1.5x of d=1 (n=16k, W=512)", t_dilation, "dilation.csv"),
+    ("LoRA step at 16k, W=1024: ≥ 2x dense", t_train, "train_step.csv"),
+    ("windowed SmolLM2 perplexity lower after fine-tuning", t_finetune, "smollm2_window_finetune.csv"),
+    ("12 prompts of 12 lengths (2k–16k) through `auto`: total ≤ 1.1x the sdpa band, compiles included", t_varying,
+     "varying_prompts.csv"),
+    ("compiled decode step ≥ 1.3x eager (SmolLM2-135M, 1 thread, 4 + 1020 static cache)", t_compiled,
+     "compiled_decode.csv"),
+    ("decode step at stream position 32k ≤ 1.05x the unpatched model's at a 1k cache", t_position,
+     "compiled_decode.csv"),
     ("long range (W=256): prefill ≥ 1.5x dense at 16k with ≥ 90 % of dense copy recall at 8W and passkey "
-     "within one hit", t_long_range),
-    ("self-distillation beats CE fine-tuning (same steps and data)", t_distill),
+     "within one hit", t_long_range, "long_range_study.csv"),
+    ("self-distillation beats CE fine-tuning (same steps and data)", t_distill, "long_range_study.csv"),
+]
+HEADLINE = [   # the README's five rows
+    "model prefill 16k, W=1024: ≥ 2x unpatched, faster than transformers' window",
+    "attention forward+backward, n=16k: ≥ 5x",
+    "SmolLM2 streamed to 40,960 tokens (5x its 8k context), 4 + 1020 cache (no threshold)",
+    "decode time at 32k within 1.1x of 2k",
+    "long range (W=256): prefill ≥ 1.5x dense at 16k with ≥ 90 % of dense copy recall at 8W and passkey "
+    "within one hit",
 ]
 
 
-def targets():
-    """One row per target: met (from the target's threshold), and the figures behind it."""
+def measured_at(name):
+    """``name @commit``, and **stale** when the code it measures changed since."""
+    data = rows(name)
+    if not data or not data[0].get("commit"):
+        return f"`{name}`"
+    changed = changed_since(name, data[0]["commit"])
+    return f"`{name}` @{data[0]['commit']}" + ("" if changed == [] else ", **stale**")
+
+
+def targets(names=None):
+    """One row per target (``names``: these only, in this order): met (from the target's
+    threshold), the figures behind it, and the CSV they come from."""
+    chosen = TARGETS if names is None else [next(t for t in TARGETS if t[0] == name) for name in names]
     body = []
-    for target, measured in TARGETS:
+    for target, measured, name in chosen:
         try:
             met, text = measured()
         except (LookupError, StopIteration, IndexError, KeyError) as e:
             met, text = None, f"not measured ({type(e).__name__}: {e})"
-        body.append([target, {True: "yes", False: "**no**", None: "–"}[met], text])
-    return table(["target", "met", "measured"], body)
+        body.append([target, {True: "yes", False: "**no**", None: "–"}[met], text, measured_at(name)])
+    return table(["target", "met", "measured", "from"], body)
+
+
+def demo():
+    """The quick start's last checkpoint, from the demo run recorded with ``--csv``."""
+    name = "streaming_demo.csv"
+    data = rows(name)
+    if not data:
+        return source(name)
+    last = max(int(r["tokens"]) for r in data)
+    body = [[r["method"], num(r["tokens"]), num(r["ppl"]), num(r["kv_mib"])] for r in data if int(r["tokens"]) == last]
+    return with_source(name, table(["method", "tokens", "ppl", "KV MiB"], body))
 
 
 SECTIONS = {
+    "headline": lambda: targets(HEADLINE), "demo": demo,
     "targets": targets, "prefill": prefill, "decode": decode, "varying_prompts": varying_prompts,
     "compiled_decode": compiled_decode, "stream": stream,
     "attention_sinks": csv_table("attention_sinks_compare.csv", ["method", "tokens", "ppl", "tokens_per_s",
@@ -518,25 +556,31 @@ def stale(readme: str) -> list[str]:
     return [m.group(2) for m in BLOCK.finditer(readme) if m.group(3) != fresh[m.group(2)]]
 
 
+PAGES = ("README.md", "docs/results.md", "docs/serving.md", "docs/long-range.md", "docs/how-it-works.md")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--write", metavar="README", help="rewrite the report blocks of this file")
-    g.add_argument("--check", metavar="README", help="exit 1 if a report block differs from the CSVs")
+    g.add_argument("--write", nargs="*", metavar="PAGE", help="rewrite the report blocks of these pages (default: all)")
+    g.add_argument("--check", nargs="*", metavar="PAGE", help="exit 1 if a report block differs from the CSVs")
     args = p.parse_args()
-    if args.write:
-        with open(args.write) as fh:
-            text = fh.read()
-        with open(args.write, "w") as fh:
-            fh.write(render(text))
-        print(f"rewrote {len(BLOCK.findall(text))} blocks of {args.write}")
-    elif args.check:
-        with open(args.check) as fh:
-            bad = stale(fh.read())
+    pages = [os.path.join(ROOT, page) for page in (args.write or args.check or PAGES)]
+    if args.write is not None:
+        for page in pages:
+            with open(page) as fh:
+                text = fh.read()
+            with open(page, "w") as fh:
+                fh.write(render(text))
+            print(f"rewrote {len(BLOCK.findall(text))} blocks of {os.path.relpath(page, ROOT)}")
+    elif args.check is not None:
+        bad = {}
+        for page in pages:
+            with open(page) as fh:
+                bad.update({f"{os.path.relpath(page, ROOT)}:{name}": True for name in stale(fh.read())})
         if bad:
-            sys.exit(f"{args.check}: blocks differ from benchmarks/results: {', '.join(bad)} "
-                     f"(python benchmarks/report.py --write {args.check})")
-        print(f"{args.check}: every report block matches its CSVs")
+            sys.exit(f"blocks differ from benchmarks/results: {', '.join(bad)} (python benchmarks/report.py --write)")
+        print(f"{len(pages)} pages: every report block matches its CSVs")
     else:
         for name, fn in SECTIONS.items():
             print(f"### {name}\n\n{fn()}\n")

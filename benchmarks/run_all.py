@@ -36,6 +36,8 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026
     "varying_prompts": (["benchmarks/varying_prompts.py"], 3),
     "compiled_decode": (["benchmarks/compiled_decode.py"], 8),
     "speculative": (["benchmarks/speculative.py"], 10),
+    "demo": (["examples/streaming_demo.py", "--csv", f"{R}/streaming_demo.csv", "--plot", f"{R}/streaming_demo.png",
+              "--no-progress"], 1),
     "long_range": (["benchmarks/long_range_study.py"], 150),
     "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 10),
 }
