@@ -514,7 +514,8 @@ def demo():
     if not data:
         return source(name)
     last = max(int(r["tokens"]) for r in data)
-    body = [[r["method"], num(r["tokens"]), num(r["ppl"]), num(r["kv_mib"])] for r in data if int(r["tokens"]) == last]
+    body = [[r["mode"], num(r["tokens"]), f(r["ppl"], 3), f(int(r["kv_bytes"]) / 2**20, 1)]
+            for r in data if int(r["tokens"]) == last]
     return with_source(name, table(["method", "tokens", "ppl", "KV MiB"], body))
 
 
