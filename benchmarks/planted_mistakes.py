@@ -25,8 +25,9 @@ MISTAKES = {
     "doubled sink": ("swa_patch/masks.py", "sink_part = is_sink_slot & valid & (j <= i) & ~in_band",
                      "sink_part = is_sink_slot & valid & (j <= i)", ["tests/test_backends.py"]),
     "cache keeps every step's keys": (
-        "swa_patch/cache.py", "        self.keys[:, :, slot] = k[:, :, 0]",
-        "        self.keys[:, :, slot] = k[:, :, 0]; self.__dict__.setdefault('_kept', []).append(k.clone())",
+        "swa_patch/cache.py", "        sink_index = self._store_sinks(key_states, value_states, step, real)",
+        "        sink_index = self._store_sinks(key_states, value_states, step, real); "
+        "self.__dict__.setdefault('_kept', []).append(key_states.clone())",
         ["tests/test_memory.py"]),
     "recipe does not hand the model to accelerate": (
         "recipes/finetune_lora.py",
