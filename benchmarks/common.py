@@ -28,10 +28,11 @@ def timed(fn, reps: int, warmup: int = 1) -> float:
     return best
 
 
-def run_isolated(script: str, args: list[str]) -> dict:
-    """Run one measurement in a fresh interpreter so its peak RSS is its own; returns the JSON
-    the child prints on its last line."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=False)
+def run_isolated(script: str, args: list[str], env: dict | None = None) -> dict:
+    """Run one measurement in a fresh interpreter so its memory is its own (``env``: variables to
+    add); returns the JSON the child prints on its last line."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=False,
+                         env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
