@@ -19,7 +19,8 @@ import functools
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
-from .attention import MaskInfo, _boundaries
+from . import packing
+from .attention import ForwardFacts, MaskInfo, _forwards
 from .cache import SWACache, _PendingLayout
 from .rope import model_ropes
 from .state import layer_specs, patch_settings, patch_state
@@ -109,7 +110,7 @@ def _top_level_hook(model, state: dict):
     SWACache (a DynamicCache seen again maps to the same SWACache) and settles the prompt
     boundary of decode="full" layers."""
     def hook(module, args, kwargs):
-        _boundaries.append(None)                 # popped by _end_of_forward, whatever happens
+        _forwards.append(ForwardFacts())         # popped by _end_of_forward, whatever happens
         prompt_lengths = kwargs.pop("prompt_lengths", None)
         name, cache = _find_cache(kwargs)
         if state.get("suspended"):
@@ -128,12 +129,36 @@ def _top_level_hook(model, state: dict):
             if swa is not None:
                 kwargs = {**kwargs, name: swa}
                 cache = swa
+        _forwards[-1].documents = _documents(state, args, kwargs, cache)
         if state["settings"].decodes_full:
-            _boundaries[-1] = _boundary(state, args, kwargs, cache, prompt_lengths)
+            _forwards[-1].full_from = _boundary(state, args, kwargs, cache, prompt_lengths)
         elif prompt_lengths is not None:
             _require_decode_full(state["settings"])
         return args, kwargs
     return hook
+
+
+def _documents(state, args, kwargs, cache) -> packing.Starts | None:
+    """The packed documents of this forward (:mod:`swa_patch.packing`), refused before any layer
+    runs where they cannot be honoured exactly."""
+    tokens = _tokens(args, kwargs)
+    mask = kwargs.get("attention_mask")
+    mask = mask.padding if isinstance(mask, MaskInfo) else mask
+    if tokens is None or tokens.dim() < 2:
+        return None
+    padded = isinstance(mask, torch.Tensor) and not bool(mask.all())
+    starts = packing.document_starts(kwargs, tokens.shape[0], tokens.shape[1], padded)
+    if starts is None:
+        return None
+    if cache is not None:
+        raise ValueError(f"packed documents ({packing.describe(kwargs)}) cannot be combined with a cache "
+                         f"({type(cache).__name__}): a cache continues one stream per row. Pass "
+                         "use_cache=False and no cache for a packed forward, or one document per row")
+    if state["settings"].decodes_full:
+        raise ValueError(f"packed documents ({packing.describe(kwargs)}) are not supported with "
+                         f"decode={state['settings'].decode!r}: its prompt boundary is one per row. Use one "
+                         "document per row (padding instead of packing), or patch with decode='window'")
+    return starts
 
 
 def _boundary(state, args, kwargs, cache, prompt_lengths) -> torch.Tensor | None:
@@ -162,8 +187,8 @@ def _boundary(state, args, kwargs, cache, prompt_lengths) -> torch.Tensor | None
 
 
 def _end_of_forward(module, args, kwargs, output):
-    if _boundaries:
-        _boundaries.pop()
+    if _forwards:
+        _forwards.pop()
 
 
 def _announce_step(state: dict):
