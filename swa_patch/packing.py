@@ -53,8 +53,8 @@ SOURCES = {"cu_seq_lens_q": from_cu_seq_lens, "seq_idx": from_seq_idx, "position
 
 
 def document_starts(kwargs: dict, batch: int, n: int, padded: bool) -> Starts | None:
-    """Each row's document starts, from whichever of ``SOURCES`` the forward passes (they must
-    agree); None when every row holds one document.  ``position_ids`` are read only when the batch
+    """Each row's document starts, from whichever of ``SOURCES`` the forward passes (those that
+    mark documents must agree); None when every row holds one document.  ``position_ids`` are read only when the batch
     has no padding (``padded``: generate() gives pads positions that restart)."""
     if kwargs.get("cu_seq_lens_k") is not None and kwargs.get("cu_seq_lens_q") is not None \
             and not torch.equal(kwargs["cu_seq_lens_k"].cpu(), kwargs["cu_seq_lens_q"].cpu()):
@@ -65,11 +65,11 @@ def document_starts(kwargs: dict, batch: int, n: int, padded: bool) -> Starts | 
              "seq_idx": kwargs.get("seq_idx"),
              "position_ids": None if padded or n == 1 else kwargs.get("position_ids")}
     found = {name: SOURCES[name](value, batch, n) for name, value in given.items() if value is not None}
+    found = {name: starts for name, starts in found.items() if any(len(row) > 1 for row in starts)}
     if len(set(found.values())) > 1:
         raise ValueError(f"{' and '.join(found)} disagree on where the packed documents start "
                          f"({found}); pass boundaries that agree, or only one of them")
-    starts = next(iter(found.values()), None)
-    return None if starts is None or all(len(row) == 1 for row in starts) else starts
+    return next(iter(found.values()), None)
 
 
 def describe(kwargs: dict) -> str:

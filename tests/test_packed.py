@@ -1,0 +1,221 @@
+"""Packed (padding-free) rows: several documents in one row, each attending only itself.
+
+Every test compares against an independent reference: each document through the model alone,
+or the unpatched model with an explicit mask.  fp32, tolerance 1e-5."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import swa_patch
+from swa_patch import attention, compat, patch_model
+from swa_patch.attention import LayerPlan, MaskInfo, run_plan
+from swa_patch.backends import flash, flex
+from swa_patch.masks import LayerSpec, reference_mask
+from tests.attn_cases import random_qkv
+from tests.models import reference_attention, tiny_model
+from tests.test_backends import flash_stand_in
+from swa_patch.backends.layout import math_attention
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+LENGTHS = (3, 4, 5, 9)      # W-1, W, W+1 and 2W+1 for W=4; all shorter than W=12
+
+
+def documents(lengths=LENGTHS, seed=0, vocab=97):
+    """Random token documents and their packed row: (docs, ids [1, n], position_ids, doc ids)."""
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(3, vocab, (1, n), generator=g) for n in lengths]
+    ids = torch.cat(docs, dim=1)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    doc_ids = torch.cat([torch.full((n,), k) for k, n in enumerate(lengths)])[None]
+    return docs, ids, positions, doc_ids
+
+
+def alone(model, docs) -> torch.Tensor:
+    """Logits of each document through ``model`` on its own, concatenated."""
+    with torch.no_grad():
+        return torch.cat([model(doc).logits for doc in docs], dim=1)
+
+
+def cu_seq_lens(lengths) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+CASES = [(model_type, backend, window, sinks) for model_type in ("llama", "qwen2", "gemma3_text")
+         for backend in ("eager", "sdpa") for window, sinks in ((4, 0), (4, 4), (12, 4))]
+CASES += [("llama", "flex", 4, 4)]     # flex compiles for each spec and length (~25 s here): one case
+
+
+@pytest.mark.parametrize("model_type,backend,window,sinks", CASES)
+def test_packed_row_equals_each_document_alone(one_thread, monkeypatch, model_type, backend, window, sinks):
+    ran = []
+    if backend == "flex":         # short calls run the sdpa kernel; these documents must reach flex
+        monkeypatch.setattr(attention, "DECODE_MAX_QUERIES", 0)
+        monkeypatch.setattr(flex, "attend", lambda *a, f=flex.attend: ran.append(1) or f(*a))
+    model = patch_model(tiny_model(model_type), window=window, sinks=sinks, backend=backend)
+    docs, ids, positions, _ = documents()
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions).logits
+    torch.testing.assert_close(packed, alone(model, docs), **TOL)
+    assert ran or backend != "flex"
+
+
+def test_packed_row_equals_unpatched_model_with_explicit_document_mask(one_thread):
+    model = tiny_model("llama")
+    docs, ids, positions, doc_ids = documents()
+    specs = [LayerSpec(4, 1, 2)] * 2
+    with torch.no_grad(), reference_attention(model, specs, ids.shape[1], documents=doc_ids):
+        ref = model(ids, position_ids=positions).logits
+    patch_model(model, window=4, sinks=2, backend="sdpa")
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions).logits
+    torch.testing.assert_close(packed, ref, **TOL)
+
+
+def test_reference_mask_of_documents_is_each_document_alone():
+    spec = LayerSpec(3, 2, 2)
+    lengths = (5, 2, 7)
+    mask = reference_mask(spec, sum(lengths), documents=documents(lengths)[3])[0]
+    start = 0
+    for n in lengths:
+        block = mask[start:start + n]
+        assert torch.equal(block[:, start:start + n], reference_mask(spec, n)[0])
+        assert not block[:, :start].any() and not block[:, start + n:].any()
+        start += n
+
+
+@pytest.mark.parametrize("given", ["cu_seq_lens", "seq_idx", "trl_collator"])
+def test_boundaries_from_flash_kwargs_and_seq_idx(one_thread, given):
+    """Without position_ids (RoPE positions then run on across documents, which RoPE's relative
+    scores do not see), the boundaries come from the other keywords alone."""
+    model = patch_model(tiny_model("llama"), window=4, sinks=4, backend="sdpa")
+    docs, ids, positions, doc_ids = documents()
+    cu = cu_seq_lens(LENGTHS)
+    kwargs = {"cu_seq_lens": dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9),
+              "seq_idx": dict(seq_idx=doc_ids.int()),
+              "trl_collator": dict(position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
+                                   max_length_k=9, seq_idx=doc_ids.int())}[given]
+    with torch.no_grad():
+        packed = model(ids, **kwargs).logits
+    torch.testing.assert_close(packed, alone(model, docs), **TOL)
+
+
+def test_a_token_of_one_document_changes_nothing_in_another(one_thread):
+    model = patch_model(tiny_model("llama"), window=8, sinks=4, backend="sdpa")
+    _, ids, positions, _ = documents((6, 10))
+    edited = ids.clone()
+    edited[0, 2] = (edited[0, 2] + 1) % 97              # a token of document A
+    with torch.no_grad():
+        before, after = (model(x, position_ids=positions).logits for x in (ids, edited))
+    assert not torch.allclose(before[:, 2:6], after[:, 2:6])                 # A did change
+    torch.testing.assert_close(after[:, 6:], before[:, 6:], atol=0, rtol=0)  # B did not, not even by rounding
+
+
+def test_rows_of_a_batch_hold_their_own_documents(one_thread):
+    model = patch_model(tiny_model("qwen2"), window=4, sinks=2, backend="sdpa")
+    rows = [documents((3, 4, 5, 9), seed=1), documents((9, 12), seed=2)]
+    ids = torch.cat([r[1] for r in rows])
+    positions = torch.cat([r[2] for r in rows])
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions).logits
+    for row, (docs, *_) in enumerate(rows):
+        torch.testing.assert_close(packed[row:row + 1], alone(model, docs), **TOL)
+
+
+def _loss_and_grads(model, ids, **kwargs):
+    model.zero_grad()
+    out = model(ids, **kwargs)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_loss_and_gradients_equal_the_sum_over_documents(one_thread, backend, checkpointing):
+    """Labels as TRL's padding-free collator makes them (-100 at each document's first token):
+    the packed mean loss times its token count equals the per-document losses times theirs."""
+    model = patch_model(tiny_model("llama"), window=4, sinks=2, backend=backend).train()
+    if checkpointing:
+        compat.enable_activation_checkpointing(model)
+    docs, ids, positions, _ = documents()
+    labels = ids.masked_fill(positions == 0, -100)
+    count = sum(n - 1 for n in LENGTHS)
+    loss, grads = _loss_and_grads(model, ids, position_ids=positions, labels=labels)
+    per_doc_loss, per_doc_grads = 0.0, {}
+    for doc in docs:
+        l, g = _loss_and_grads(model, doc, labels=doc)
+        weight = (doc.shape[1] - 1) / count
+        per_doc_loss += l * weight
+        for name, grad in g.items():
+            per_doc_grads[name] = per_doc_grads.get(name, 0) + grad * weight
+    torch.testing.assert_close(loss, per_doc_loss, **TOL)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, per_doc_grads[name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_flash_path_runs_each_document_on_its_own(monkeypatch, sinks):
+    """Documents longer than the decode cut-off (128 queries), so flash runs them (a stand-in of
+    flash_attn_func here, as in test_backends); reference: the explicit mask with documents."""
+    calls = []
+    monkeypatch.setattr(flash, "flash_attn_func", lambda *a, **k: calls.append(a[0].shape[1]) or flash_stand_in(*a, **k))
+    lengths = (140, 131, 150)
+    spec = LayerSpec(32, 1, sinks)
+    q, k, v = random_qkv(1, 4, 2, sum(lengths), 16)
+    info = MaskInfo(0, None, documents=((0, 140, 271),))
+    out = run_plan(LayerPlan(spec, "flash"), q, k, v, info)
+    mask = reference_mask(spec, sum(lengths), documents=documents(lengths)[3])
+    ref = math_attention(q, k, v, mask[:, None], 16 ** -0.5).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+    assert set(lengths) <= set(calls)
+
+
+# ---- refusals: before any weight is touched ----
+
+def _untouched(model):
+    """A pre-hook on the embeddings that records whether the forward reached any weight."""
+    seen = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda *a: seen.append(True))
+    return seen
+
+
+@pytest.mark.parametrize("cache", ["swa", "dynamic"])
+def test_packed_documents_with_a_cache_are_refused(cache):
+    model = patch_model(tiny_model("llama"), window=4, sinks=2)
+    _, ids, positions, _ = documents()
+    seen = _untouched(model)
+    given = swa_patch.make_cache(model) if cache == "swa" else __import__("transformers").DynamicCache()
+    with pytest.raises(ValueError, match="cannot be combined with a cache.*use_cache=False"):
+        model(ids, position_ids=positions, cache=given)
+    assert not seen
+
+
+def test_packed_documents_with_decode_full_are_refused():
+    model = patch_model(tiny_model("llama"), window=4, sinks=2, decode="full")
+    _, ids, positions, _ = documents()
+    seen = _untouched(model)
+    with pytest.raises(ValueError, match="decode='full'"):
+        model(ids, position_ids=positions, use_cache=False)
+    assert not seen
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])),
+     "disagree"),
+    (dict(cu_seq_lens_q=torch.tensor([0, 3, 21]), cu_seq_lens_k=torch.tensor([0, 4, 21])), "cu_seq_lens_k differs"),
+    (dict(cu_seq_lens_q=torch.tensor([0, 3, 20])), "rise strictly from 0"),
+])
+def test_inconsistent_boundaries_are_refused(kwargs, match):
+    model = patch_model(tiny_model("llama"), window=4, sinks=2)
+    _, ids, positions, _ = documents()
+    seen = _untouched(model)
+    with pytest.raises(ValueError, match=match):
+        model(ids, position_ids=positions, use_cache=False, **kwargs)
+    assert not seen
+
+
+def test_a_document_across_rows_is_refused():
+    model = patch_model(tiny_model("llama"), window=4, sinks=2)
+    ids = torch.randint(3, 97, (2, 6))
+    with pytest.raises(ValueError, match="across rows 0 and 1"):
+        model(ids, cu_seq_lens_q=torch.tensor([0, 3, 9, 12]), use_cache=False)
