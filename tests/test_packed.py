@@ -219,3 +219,67 @@ def test_a_document_across_rows_is_refused():
     ids = torch.randint(3, 97, (2, 6))
     with pytest.raises(ValueError, match="across rows 0 and 1"):
         model(ids, cu_seq_lens_q=torch.tensor([0, 3, 9, 12]), use_cache=False)
+
+
+# ---- TRL: SFTTrainer with padding_free=True and with packing=True ----
+
+WORDS = "the a cat dog sat ran on under mat log and then slept barked".split()
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def _texts(count=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(n),), generator=g))
+            for n in torch.randint(3, 12, (count,), generator=g)]
+
+
+def _trainer(tmp_path, lr, **config):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    tokenizer = _tokenizer()
+    model = patch_model(tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=2),
+                        window=4, sinks=2, backend="sdpa")
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, learning_rate=lr, per_device_train_batch_size=6,
+                     report_to=[], save_strategy="no", use_cpu=True, bf16=False, logging_steps=1,
+                     dataloader_num_workers=0, seed=0, **config)
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": _texts()}),
+                      processing_class=tokenizer)
+
+
+def _per_document_loss(model, ids, labels, starts):
+    """The token-weighted mean loss of each document through the model alone."""
+    total, count = 0.0, 0
+    for start, end in zip(starts, starts[1:] + [ids.shape[1]]):
+        doc, doc_labels = ids[:, start:end], labels[:, start:end]
+        n = int((doc_labels[:, 1:] != -100).sum())
+        if n:
+            total += model(doc, labels=doc_labels, use_cache=False).loss * n
+            count += n
+    return total / count
+
+
+@pytest.mark.parametrize("mode", [dict(padding_free=True, max_length=None), dict(packing=True, max_length=32)])
+def test_trl_sft_trainer_loss_is_the_per_document_loss(one_thread, tmp_path, mode):
+    trainer = _trainer(tmp_path, 1e-2, **mode)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) > 1
+    model = trainer.model
+    with torch.no_grad():
+        model.train()
+        loss = trainer.compute_loss(model, dict(batch))
+        expected = _per_document_loss(model, batch["input_ids"], batch["labels"], starts)
+    torch.testing.assert_close(loss, expected, **TOL)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
