@@ -110,22 +110,28 @@ def run_plan(plan: LayerPlan, query, key, value, attention_mask: MaskInfo | None
 def _attend_documents(plan, query, key, value, info: MaskInfo, scaling, softcap, s_aux, swa_keys):
     """A packed row: each document runs alone, as its own stream (queries, keys and padding cut
     to it, stream indices from its first token, so its window and sinks are its own), on whatever
-    backend the plan picks.  No call ever holds keys of two documents."""
+    backend the plan picks.  No call ever holds keys of two documents.  Documents of one length
+    (in any row) run as the rows of one call: padding-free batches end in runs of one-token pads,
+    each its own document."""
     lq = query.shape[2]
     if swa_keys is not None or info.q_offset != 0 or key.shape[2] != lq:
         raise ValueError("packed documents (position_ids that restart, cu_seq_lens_q/k or seq_idx) cannot "
                          "be combined with a cache: pass use_cache=False and no cache")
-    rows = []
+    by_length: dict[int, list[tuple[int, int]]] = {}
     for row, starts in enumerate(info.documents):
-        parts = []
         for start, end in zip(starts, starts[1:] + (lq,)):
-            doc, take = slice(row, row + 1), slice(start, end)
-            padding = None if info.padding is None else info.padding[doc, take]
-            memo = info.memo.setdefault(("document", row, start, end), {})
-            parts.append(run_plan(plan, query[doc, :, take], key[doc, :, take], value[doc, :, take],
-                                  MaskInfo(0, padding, memo), scaling, softcap, s_aux))
-        rows.append(torch.cat(parts, dim=1))
-    return torch.cat(rows, dim=0)
+            by_length.setdefault(end - start, []).append((row, start))
+    out = query.new_empty(query.shape[0], lq, query.shape[1], value.shape[-1])
+    for length, docs in by_length.items():
+        tokens = lambda x: torch.stack([x[row, start:start + length] for row, start in docs])       # [B, n]
+        heads = lambda x: torch.stack([x[row, :, start:start + length] for row, start in docs])     # [B, H, n, D]
+        padding = None if info.padding is None else tokens(info.padding)
+        memo = info.memo.setdefault(("documents", length, tuple(docs)), {})
+        part = run_plan(plan, heads(query), heads(key), heads(value), MaskInfo(0, padding, memo), scaling,
+                        softcap, s_aux)
+        for (row, start), doc_out in zip(docs, part):
+            out[row, start:start + length] = doc_out
+    return out
 
 
 def _attend_spec(requested, query, key, value, layout, spec, scaling, softcap, s_aux):

@@ -146,8 +146,7 @@ def _documents(state, args, kwargs, cache) -> packing.Starts | None:
     mask = mask.padding if isinstance(mask, MaskInfo) else mask
     if tokens is None or tokens.dim() < 2:
         return None
-    padded = isinstance(mask, torch.Tensor) and not bool(mask.all())
-    starts = packing.document_starts(kwargs, tokens.shape[0], tokens.shape[1], padded)
+    starts = packing.document_starts(kwargs, tokens.shape[0], tokens.shape[1], mask)
     if starts is None:
         return None
     if cache is not None:

@@ -52,24 +52,30 @@ def from_cu_seq_lens(cu_seq_lens: torch.Tensor, batch: int, n: int) -> Starts:
 SOURCES = {"cu_seq_lens_q": from_cu_seq_lens, "seq_idx": from_seq_idx, "position_ids": from_position_ids}
 
 
-def document_starts(kwargs: dict, batch: int, n: int, padded: bool) -> Starts | None:
+def document_starts(kwargs: dict, batch: int, n: int, attention_mask: torch.Tensor | None) -> Starts | None:
     """Each row's document starts, from whichever of ``SOURCES`` the forward passes (those that
-    mark documents must agree); None when every row holds one document.  ``position_ids`` are read only when the batch
-    has no padding (``padded``: generate() gives pads positions that restart)."""
-    if kwargs.get("cu_seq_lens_k") is not None and kwargs.get("cu_seq_lens_q") is not None \
-            and not torch.equal(kwargs["cu_seq_lens_k"].cpu(), kwargs["cu_seq_lens_q"].cpu()):
+    mark documents must agree); None when every row holds one document.  ``position_ids`` are
+    read, as transformers reads them, only where ``attention_mask`` shows no padding (generate()
+    gives left pads positions that restart)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None and not torch.equal(cu_q.cpu(), cu_k.cpu()):
         raise ValueError("cu_seq_lens_k differs from cu_seq_lens_q: swa_patch runs packed documents only "
                          "as self-attention over the same tokens (no cache); pass equal cumulative lengths")
-    cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    given = {"cu_seq_lens_q": kwargs.get("cu_seq_lens_k") if cu_seq_lens is None else cu_seq_lens,
-             "seq_idx": kwargs.get("seq_idx"),
-             "position_ids": None if padded or n == 1 else kwargs.get("position_ids")}
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and (n == 1 or _padded(attention_mask)):
+        position_ids = None
+    given = {"cu_seq_lens_q": cu_k if cu_q is None else cu_q, "seq_idx": kwargs.get("seq_idx"),
+             "position_ids": position_ids}
     found = {name: SOURCES[name](value, batch, n) for name, value in given.items() if value is not None}
     found = {name: starts for name, starts in found.items() if any(len(row) > 1 for row in starts)}
     if len(set(found.values())) > 1:
         raise ValueError(f"{' and '.join(found)} disagree on where the packed documents start "
                          f"({found}); pass boundaries that agree, or only one of them")
     return next(iter(found.values()), None)
+
+
+def _padded(attention_mask) -> bool:
+    return isinstance(attention_mask, torch.Tensor) and not bool(attention_mask.all())
 
 
 def describe(kwargs: dict) -> str:

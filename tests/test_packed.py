@@ -60,6 +60,19 @@ def test_packed_row_equals_each_document_alone(one_thread, monkeypatch, model_ty
     assert ran or backend != "flex"
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_dilated_window_and_one_token_pads(one_thread, backend):
+    """A dilated window, documents of one length in two rows (one call), and the tail of one-token
+    documents that TRL's padding-free collator leaves with pad_to_multiple_of (position 0 each)."""
+    model = patch_model(tiny_model("llama"), window=3, sinks=2, dilation=2, backend=backend)
+    rows = [documents((5, 9, 1, 1, 1), seed=3), documents((9, 5, 3), seed=4)]
+    ids, positions = torch.cat([r[1] for r in rows]), torch.cat([r[2] for r in rows])
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions).logits
+    for row, (docs, *_) in enumerate(rows):
+        torch.testing.assert_close(packed[row:row + 1], alone(model, docs), **TOL)
+
+
 def test_packed_row_equals_unpatched_model_with_explicit_document_mask(one_thread):
     model = tiny_model("llama")
     docs, ids, positions, doc_ids = documents()
