@@ -8,6 +8,9 @@
   keyword or a :func:`make_cache` option), from ``labels`` (where each row's ``-100`` prefix
   ends) or from ``generate()`` (its prompt); without any, the input of the first forward is
   the prompt.  A cache records it once; a forward without a cache hands it to the mask builder.
+- Packed rows (``position_ids`` that restart, ``cu_seq_lens_q/k``, ``seq_idx``): the documents
+  are read once per forward (:mod:`swa_patch.packing`) and handed to the mask builder; with a
+  cache or decode="full" they are refused before any layer runs.
 - Inside :func:`swa_patch.original_attention` the hooks stand aside.
 
 The dependency runs one way: ``patch`` -> ``generation`` -> ``cache``.
@@ -107,8 +110,9 @@ def _tokens(args, kwargs) -> torch.Tensor:
 
 def _top_level_hook(model, state: dict):
     """Pre-hook of the patched model: swaps generate()'s own empty DynamicCache for an
-    SWACache (a DynamicCache seen again maps to the same SWACache) and settles the prompt
-    boundary of decode="full" layers."""
+    SWACache (a DynamicCache seen again maps to the same SWACache) and settles the packed
+    documents (refusing them where they cannot be honoured) and the prompt boundary of
+    decode="full" layers."""
     def hook(module, args, kwargs):
         _forwards.append(ForwardFacts())         # popped by _end_of_forward, whatever happens
         prompt_lengths = kwargs.pop("prompt_lengths", None)
