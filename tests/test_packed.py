@@ -166,6 +166,24 @@ def test_loss_and_gradients_equal_the_sum_over_documents(one_thread, backend, ch
         torch.testing.assert_close(grad, per_doc_grads[name], **TOL, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("spec", [LayerSpec(5, 1, 2), LayerSpec(3, 2, 1), LayerSpec(3, (1, 2, 1, 3), 2), LayerSpec(None)])
+def test_attention_of_packed_rows_with_padding_matches_the_reference(backend, spec):
+    """run_plan on two packed rows (their own documents, pads in front of some documents, as
+    cu_seq_lens with a padding mask gives) against the explicit mask with documents."""
+    lengths = [(7, 1, 12, 4), (4, 9, 11)]
+    q, k, v = random_qkv(2, 4, 2, 24, 16, seed=5)
+    padding = torch.ones(2, 24, dtype=torch.bool)
+    padding[0, 8:10] = padding[1, 4:7] = False           # the second document of each row starts with pads
+    starts = tuple(tuple(torch.tensor((0, *row[:-1])).cumsum(0).tolist()) for row in lengths)
+    out = run_plan(LayerPlan(spec, backend), q, k, v, MaskInfo(0, padding, documents=starts))
+    doc_ids = torch.cat([documents(row)[3] for row in lengths])
+    mask = reference_mask(spec, 24, padding, documents=doc_ids)
+    mask = mask[:, None] if mask.dim() == 3 else mask
+    ref = math_attention(q, k, v, mask, 16 ** -0.5).transpose(1, 2)
+    torch.testing.assert_close(out[padding], ref[padding], atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("sinks", [0, 3])
 def test_flash_path_runs_each_document_on_its_own(monkeypatch, sinks):
     """Documents longer than the decode cut-off (128 queries), so flash runs them (a stand-in of
