@@ -38,7 +38,8 @@ class MaskInfo:
     padding: torch.Tensor | None   # [B, past + q] bool (1 = real token), None if no padding
     memo: dict = field(default_factory=dict)   # per-forward work shared by layers (block masks)
     full_from: torch.Tensor | None = None      # [B] prompt boundary of decode_full layers (see
-                                               # masks.LayerSpec); None: the last query
+                                               # masks.LayerSpec); None: the last query.  Packed rows:
+                                               # [B, n], per token its document's boundary
     documents: Starts | None = None            # packed rows: per row, where each document starts
                                                # (swa_patch.packing); None: one document per row
 
@@ -126,9 +127,11 @@ def _attend_documents(plan, query, key, value, info: MaskInfo, scaling, softcap,
         tokens = lambda x: torch.stack([x[row, start:start + length] for row, start in docs])       # [B, n]
         heads = lambda x: torch.stack([x[row, :, start:start + length] for row, start in docs])     # [B, H, n, D]
         padding = None if info.padding is None else tokens(info.padding)
+        full_from = (None if info.full_from is None       # decode_full: each document's own boundary
+                     else torch.stack([info.full_from[row, start] - start for row, start in docs]))
         memo = info.memo.setdefault(("documents", length, tuple(docs)), {})
-        part = run_plan(plan, heads(query), heads(key), heads(value), MaskInfo(0, padding, memo), scaling,
-                        softcap, s_aux)
+        part = run_plan(plan, heads(query), heads(key), heads(value), MaskInfo(0, padding, memo, full_from),
+                        scaling, softcap, s_aux)
         for (row, start), doc_out in zip(docs, part):
             out[row, start:start + length] = doc_out
     return out

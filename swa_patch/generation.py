@@ -9,8 +9,9 @@
   ends) or from ``generate()`` (its prompt); without any, the input of the first forward is
   the prompt.  A cache records it once; a forward without a cache hands it to the mask builder.
 - Packed rows (``position_ids`` that restart, ``cu_seq_lens_q/k``, ``seq_idx``): the documents
-  are read once per forward (:mod:`swa_patch.packing`) and handed to the mask builder; with a
-  cache or decode="full" they are refused before any layer runs.
+  are read once per forward (:mod:`swa_patch.packing`) and handed to the mask builder (with a
+  cache they are refused before any layer runs); decode="full" takes each document's boundary
+  from ``labels``.
 - Inside :func:`swa_patch.original_attention` the hooks stand aside.
 
 The dependency runs one way: ``patch`` -> ``generation`` -> ``cache``.
@@ -133,16 +134,19 @@ def _top_level_hook(model, state: dict):
             if swa is not None:
                 kwargs = {**kwargs, name: swa}
                 cache = swa
-        _forwards[-1].documents = _documents(state, args, kwargs, cache)
-        if state["settings"].decodes_full:
-            _forwards[-1].full_from = _boundary(state, args, kwargs, cache, prompt_lengths)
+        facts = _forwards[-1]
+        facts.documents = _documents(state, args, kwargs, cache, prompt_lengths)
+        if state["settings"].decodes_full and facts.documents is not None:
+            facts.full_from = _document_boundaries(kwargs.get("labels"), facts.documents)
+        elif state["settings"].decodes_full:
+            facts.full_from = _boundary(state, args, kwargs, cache, prompt_lengths)
         elif prompt_lengths is not None:
             _require_decode_full(state["settings"])
         return args, kwargs
     return hook
 
 
-def _documents(state, args, kwargs, cache) -> packing.Starts | None:
+def _documents(state, args, kwargs, cache, prompt_lengths) -> packing.Starts | None:
     """The packed documents of this forward (:mod:`swa_patch.packing`), refused before any layer
     runs where they cannot be honoured exactly."""
     tokens = _tokens(args, kwargs)
@@ -157,11 +161,25 @@ def _documents(state, args, kwargs, cache) -> packing.Starts | None:
         raise ValueError(f"packed documents ({packing.describe(kwargs)}) cannot be combined with a cache "
                          f"({type(cache).__name__}): a cache continues one stream per row. Pass "
                          "use_cache=False and no cache for a packed forward, or one document per row")
-    if state["settings"].decodes_full:
-        raise ValueError(f"packed documents ({packing.describe(kwargs)}) are not supported with "
-                         f"decode={state['settings'].decode!r}: its prompt boundary is one per row. Use one "
-                         "document per row (padding instead of packing), or patch with decode='window'")
+    if prompt_lengths is not None and state["settings"].decodes_full:
+        raise ValueError(f"prompt_lengths gives one prompt boundary per row, but the rows hold packed documents "
+                         f"({packing.describe(kwargs)}): pass labels instead (each document's prompt ends where "
+                         "its -100 prefix ends) or nothing (each document's last token predicts its answer)")
     return starts
+
+
+def _document_boundaries(labels, documents: packing.Starts) -> torch.Tensor | None:
+    """decode="full" on packed rows: ``[B, n]``, per token the stream index of its document's first
+    fully attending query, where that document's ``-100`` prefix of ``labels`` ends (as for the
+    document alone); None without labels (each document's last token, the layouts' default)."""
+    if labels is None:
+        return None
+    n = labels.shape[1]
+    full_from = torch.empty(labels.shape, dtype=torch.long)
+    for row, starts in enumerate(documents):
+        for start, end in zip(starts, starts[1:] + (n,)):
+            full_from[row, start:end] = start + int(label_prompt_ends(labels[row:row + 1, start:end])) - 1
+    return full_from
 
 
 def _boundary(state, args, kwargs, cache, prompt_lengths) -> torch.Tensor | None:

@@ -221,12 +221,33 @@ def test_packed_documents_with_a_cache_are_refused(cache):
     assert not seen
 
 
-def test_packed_documents_with_decode_full_are_refused():
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_decode_full_takes_each_documents_own_boundary(one_thread, with_labels):
+    """decode="full" on a packed row: each document's prompt ends where its -100 prefix of labels
+    ends (completion-only labels), or at its last token without labels, as for the document alone."""
+    model = patch_model(tiny_model("llama"), window=3, sinks=1, decode="full", backend="sdpa")
+    lengths, prompts = (9, 4, 12), (5, 1, 7)
+    docs, ids, positions, _ = documents(lengths)
+    doc_labels = [d.clone() for d in docs]
+    for labels, p in zip(doc_labels, prompts):
+        labels[:, :p] = -100
+    kwargs = lambda labels: {"labels": labels} if with_labels else {}
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions, use_cache=False, **kwargs(torch.cat(doc_labels, 1)))
+        single = [model(d, use_cache=False, **kwargs(l)) for d, l in zip(docs, doc_labels)]
+    torch.testing.assert_close(packed.logits, torch.cat([o.logits for o in single], 1), **TOL)
+    if with_labels:
+        answers = [int((l[:, 1:] != -100).sum()) for l in doc_labels]
+        expected = sum(o.loss * a for o, a in zip(single, answers)) / sum(answers)
+        torch.testing.assert_close(packed.loss, expected, **TOL)
+
+
+def test_decode_full_refuses_one_prompt_length_per_row_for_packed_documents():
     model = patch_model(tiny_model("llama"), window=4, sinks=2, decode="full")
     _, ids, positions, _ = documents()
     seen = _untouched(model)
-    with pytest.raises(ValueError, match="decode='full'"):
-        model(ids, position_ids=positions, use_cache=False)
+    with pytest.raises(ValueError, match="prompt_lengths gives one prompt boundary per row.*pass labels"):
+        model(ids, position_ids=positions, use_cache=False, prompt_lengths=5)
     assert not seen
 
 
