@@ -17,6 +17,7 @@ patched), the tokenizer, ``checkpoints/step_N`` (``accelerator.save_state``; ``-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--eval-fraction of the packed blocks")
     g.add_argument("--eval-fraction", type=float, default=0.05)
     g.add_argument("--seq-len", type=int, default=4096, help="tokens per packed training sequence")
+    g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False,
+                   help="documents packed into a block attend only themselves: position_ids restart after "
+                        "each EOS (the patched attention runs each document alone) and no token is "
+                        "predicted across a document boundary")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--lora-alpha", type=int, default=32)
@@ -200,23 +205,38 @@ def build_data(args, tokenizer, accelerator):
     return train.with_format("torch"), held.with_format("torch")
 
 
-def collate(rows):
-    return {"input_ids": torch.stack([r["input_ids"] for r in rows])}
+def collate(rows, eos=None):
+    """A batch of blocks; with ``eos`` (``--packing``) also their ``position_ids``."""
+    ids = torch.stack([r["input_ids"] for r in rows])
+    return {"input_ids": ids} if eos is None else {"input_ids": ids, "position_ids": document_positions(ids, eos)}
+
+
+def document_positions(ids, eos: int):
+    """Position of each token in its document ``[B, n]``: 0 at the start of the block and after
+    each EOS (``data.pack`` ends every document with one), counting up from there."""
+    starts = F.pad(ids[:, :-1] == eos, (1, 0), value=True)
+    index = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    return index - torch.where(starts, index, 0).cummax(-1).values
+
+
+def targets(ids, positions=None):
+    """Labels: the tokens, with -100 where a document starts (nothing predicts it)."""
+    return ids if positions is None else ids.masked_fill(positions == 0, -100)
 
 
 # ---- loss -------------------------------------------------------------------------------
-def lm_loss(model, ids):
-    """Next-token cross-entropy, the model's own loss."""
-    return model(input_ids=ids, labels=ids).loss
+def lm_loss(model, ids, positions=None):
+    """Next-token cross-entropy, the model's own loss (``positions``: packed documents)."""
+    return model(input_ids=ids, position_ids=positions, labels=targets(ids, positions)).loss
 
 
-def teacher_logits(teacher, ids):
+def teacher_logits(teacher, ids, positions=None):
     """Next-token logits of the original model: ``teacher`` is the unwrapped peft model, run
     with its adapter disabled inside ``swa_patch.original_attention``: no second copy."""
     import swa_patch
 
     with torch.no_grad(), teacher.disable_adapter(), swa_patch.original_attention(teacher):
-        return teacher(input_ids=ids).logits[:, :-1].float()
+        return teacher(input_ids=ids, position_ids=positions).logits[:, :-1].float()
 
 
 def kl_per_token(logits, target, temperature: float):
@@ -226,11 +246,11 @@ def kl_per_token(logits, target, temperature: float):
     return (log_t.exp() * (log_t - log_p)).sum(-1) * temperature ** 2
 
 
-def distill_loss(model, teacher, ids, alpha: float, temperature: float):
+def distill_loss(model, teacher, ids, alpha: float, temperature: float, positions=None):
     """``alpha * KL(teacher || student) + (1 - alpha) * CE`` (token means), and both parts."""
-    target = teacher_logits(teacher, ids)
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    ce = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:])
+    target = teacher_logits(teacher, ids, positions)
+    logits = model(input_ids=ids, position_ids=positions).logits[:, :-1].float()
+    ce = F.cross_entropy(logits.transpose(1, 2), targets(ids, positions)[:, 1:], ignore_index=-100)
     kl = kl_per_token(logits, target, temperature).mean()
     return alpha * kl + (1 - alpha) * ce, ce.detach(), kl.detach()
 
@@ -245,12 +265,14 @@ def evaluate(model, loader, accelerator, max_batches=None, teacher=None, tempera
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            ids = batch["input_ids"]
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            per_seq = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(-1)
+            ids, positions = batch["input_ids"], batch.get("position_ids")
+            logits = model(input_ids=ids, position_ids=positions).logits[:, :-1].float()
+            labels = targets(ids, positions)[:, 1:]
+            per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            per_seq = per_token.sum(-1) / (labels != -100).sum(-1).clamp(min=1)
             losses.append(accelerator.gather_for_metrics(per_seq))
             if teacher is not None:
-                kl = kl_per_token(logits, teacher_logits(teacher, ids), temperature).mean(-1)
+                kl = kl_per_token(logits, teacher_logits(teacher, ids, positions), temperature).mean(-1)
                 kls.append(accelerator.gather_for_metrics(kl))
     model.train()
     mean = lambda xs: torch.cat(xs).mean().item() if xs else float("nan")
@@ -324,8 +346,11 @@ def main(argv=None):
     set_seed(args.seed)
     tokenizer, model, load_kwargs = load_model(args, accelerator)
     train, held = build_data(args, tokenizer, accelerator)
-    train_dl = DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
-    eval_dl = DataLoader(held, batch_size=args.batch_size, collate_fn=collate)
+    if args.packing and tokenizer.eos_token_id is None:
+        raise SystemExit("--packing finds document boundaries at EOS tokens, but the tokenizer has no eos_token")
+    collate_fn = functools.partial(collate, eos=tokenizer.eos_token_id if args.packing else None)
+    train_dl = DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True)
+    eval_dl = DataLoader(held, batch_size=args.batch_size, collate_fn=collate_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
@@ -376,11 +401,11 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 if args.distill:
                     loss, ce, kl = distill_loss(model, teacher, batch["input_ids"], args.distill_alpha,
-                                                args.temperature)
+                                                args.temperature, batch.get("position_ids"))
                     parts["ce"] += ce
                     parts["kl"] += kl
                 else:
-                    loss = lm_loss(model, batch["input_ids"])
+                    loss = lm_loss(model, batch["input_ids"], batch.get("position_ids"))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)

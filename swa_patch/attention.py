@@ -19,6 +19,7 @@ from .backends import BACKEND_MODULES, flash_available
 from .backends.flex import FlexCompileLimit
 from .backends.layout import KeyLayout
 from .masks import LayerSpec, first_real_index
+from .packing import Starts
 
 logger = logging.getLogger("swa_patch")
 
@@ -37,13 +38,23 @@ class MaskInfo:
     padding: torch.Tensor | None   # [B, past + q] bool (1 = real token), None if no padding
     memo: dict = field(default_factory=dict)   # per-forward work shared by layers (block masks)
     full_from: torch.Tensor | None = None      # [B] prompt boundary of decode_full layers (see
-                                               # masks.LayerSpec); None: the last query
+                                               # masks.LayerSpec); None: the last query.  Packed rows:
+                                               # [B, n], per token its document's boundary
+    documents: Starts | None = None            # packed rows: per row, where each document starts
+                                               # (swa_patch.packing); None: one document per row
 
 
-# The prompt boundary of the forward in progress, set by the patched model's top-level hook
-# (swa_patch.generation) from ``prompt_lengths`` or ``labels``; a stack, as forwards may nest.
-# The mask builder copies it into MaskInfo, which gradient checkpointing keeps for the recompute.
-_boundaries: list = []
+@dataclass
+class ForwardFacts:
+    """What the patched model's top-level hook (swa_patch.generation) settled for the forward in
+    progress: the prompt boundary of decode_full layers (from ``prompt_lengths`` or ``labels``)
+    and the packed documents.  The mask builder copies them into MaskInfo, which gradient
+    checkpointing keeps for the recompute."""
+    full_from: torch.Tensor | None = None
+    documents: Starts | None = None
+
+
+_forwards: list[ForwardFacts] = []     # a stack, as forwards may nest
 
 
 def mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -53,7 +64,8 @@ def mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         padding = attention_mask.bool()          # compiled: no host sync to find out there is none
     if not torch.is_tensor(q_offset):
         q_offset = int(q_offset)
-    return MaskInfo(q_offset, padding, full_from=_boundaries[-1] if _boundaries else None)
+    facts = _forwards[-1] if _forwards else ForwardFacts()
+    return MaskInfo(q_offset, padding, full_from=facts.full_from, documents=facts.documents)
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,8 @@ def run_plan(plan: LayerPlan, query, key, value, attention_mask: MaskInfo | None
         raise ValueError("swa_patch builds its own masks; a prepared 4-D attention_mask cannot be "
                          "combined with the sliding window. Pass a 2-D padding mask instead.")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if attention_mask is not None and attention_mask.documents is not None:
+        return _attend_documents(plan, query, key, value, attention_mask, scaling, softcap, s_aux, swa_keys)
     if swa_keys is not None and not isinstance(swa_keys, KeyLayout):
         swa_keys = swa_keys.resolve()   # from a cache whose update() got no kwargs (GPT-NeoX)
     layout = swa_keys if swa_keys is not None else contiguous_layout(attention_mask, query, key, value,
@@ -92,6 +106,35 @@ def run_plan(plan: LayerPlan, query, key, value, attention_mask: MaskInfo | None
     else:
         out = _attend_spec(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
     return out[..., :dim]
+
+
+def _attend_documents(plan, query, key, value, info: MaskInfo, scaling, softcap, s_aux, swa_keys):
+    """A packed row: each document runs alone, as its own stream (queries, keys and padding cut
+    to it, stream indices from its first token, so its window and sinks are its own), on whatever
+    backend the plan picks.  No call ever holds keys of two documents.  Documents of one length
+    (in any row) run as the rows of one call: padding-free batches end in runs of one-token pads,
+    each its own document."""
+    lq = query.shape[2]
+    if swa_keys is not None or info.q_offset != 0 or key.shape[2] != lq:
+        raise ValueError("packed documents (position_ids that restart, cu_seq_lens_q/k or seq_idx) cannot "
+                         "be combined with a cache: pass use_cache=False and no cache")
+    by_length: dict[int, list[tuple[int, int]]] = {}
+    for row, starts in enumerate(info.documents):
+        for start, end in zip(starts, starts[1:] + (lq,)):
+            by_length.setdefault(end - start, []).append((row, start))
+    out = query.new_empty(query.shape[0], lq, query.shape[1], value.shape[-1])
+    for length, docs in by_length.items():
+        tokens = lambda x: torch.stack([x[row, start:start + length] for row, start in docs])       # [B, n]
+        heads = lambda x: torch.stack([x[row, :, start:start + length] for row, start in docs])     # [B, H, n, D]
+        padding = None if info.padding is None else tokens(info.padding)
+        full_from = (None if info.full_from is None       # decode_full: each document's own boundary
+                     else torch.stack([info.full_from[row, start] - start for row, start in docs]))
+        memo = info.memo.setdefault(("documents", length, tuple(docs)), {})
+        part = run_plan(plan, heads(query), heads(key), heads(value), MaskInfo(0, padding, memo, full_from),
+                        scaling, softcap, s_aux)
+        for (row, start), doc_out in zip(docs, part):
+            out[row, start:start + length] = doc_out
+    return out
 
 
 def _attend_spec(requested, query, key, value, layout, spec, scaling, softcap, s_aux):

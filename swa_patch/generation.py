@@ -8,6 +8,10 @@
   keyword or a :func:`make_cache` option), from ``labels`` (where each row's ``-100`` prefix
   ends) or from ``generate()`` (its prompt); without any, the input of the first forward is
   the prompt.  A cache records it once; a forward without a cache hands it to the mask builder.
+- Packed rows (``position_ids`` that restart, ``cu_seq_lens_q/k``, ``seq_idx``): the documents
+  are read once per forward (:mod:`swa_patch.packing`) and handed to the mask builder (with a
+  cache they are refused before any layer runs); decode="full" takes each document's boundary
+  from ``labels``.
 - Inside :func:`swa_patch.original_attention` the hooks stand aside.
 
 The dependency runs one way: ``patch`` -> ``generation`` -> ``cache``.
@@ -17,7 +21,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
-from .attention import MaskInfo, _boundaries
+from . import packing
+from .attention import ForwardFacts, MaskInfo, _forwards
 from .cache import SWACache, _PendingLayout
 from .compat import ATTN_NAME
 from .masks import first_real_index
@@ -116,11 +121,12 @@ def _tokens(args, kwargs) -> torch.Tensor:
 
 def _top_level_hook(model, args, kwargs):
     """Pre-hook of the patched model: swaps generate()'s own empty DynamicCache for an
-    SWACache (a DynamicCache seen again maps to the same SWACache) and settles the prompt
-    boundary of decode="full" layers.  Everything it reads hangs off ``model`` (the module
-    being called), so a deep copy or an unpickled model uses its own state."""
+    SWACache (a DynamicCache seen again maps to the same SWACache) and settles the packed
+    documents (refusing them where they cannot be honoured) and the prompt boundary of
+    decode="full" layers.  Everything it reads hangs off ``model`` (the module being called),
+    so a deep copy or an unpickled model uses its own state."""
     state = patch_state(model)
-    _boundaries.append(None)                 # popped by _end_of_forward, whatever happens
+    _forwards.append(ForwardFacts())         # popped by _end_of_forward, whatever happens
     prompt_lengths = kwargs.pop("prompt_lengths", None)
     name, cache = _find_cache(kwargs)
     if state.get("suspended"):
@@ -139,11 +145,59 @@ def _top_level_hook(model, args, kwargs):
         if swa is not None:
             kwargs = {**kwargs, name: swa}
             cache = swa
-    if state["settings"].decodes_full:
-        _boundaries[-1] = _boundary(state, args, kwargs, cache, prompt_lengths)
+    facts = _forwards[-1]
+    facts.documents = _documents(state, args, kwargs, cache, prompt_lengths)
+    if state["settings"].decodes_full and facts.documents is not None:
+        facts.full_from = _document_boundaries(kwargs.get("labels"), facts.documents)
+    elif state["settings"].decodes_full:
+        facts.full_from = _boundary(state, args, kwargs, cache, prompt_lengths)
     elif prompt_lengths is not None:
         _require_decode_full(state["settings"])
     return args, kwargs
+
+
+def _documents(state, args, kwargs, cache, prompt_lengths) -> packing.Starts | None:
+    """The packed documents of this forward (:mod:`swa_patch.packing`), refused before any layer
+    runs where they cannot be honoured exactly."""
+    tokens = _tokens(args, kwargs)
+    mask = kwargs.get("attention_mask")
+    mask = mask.padding if isinstance(mask, MaskInfo) else mask
+    if tokens is None or tokens.dim() < 2:
+        return None
+    starts = packing.document_starts(kwargs, tokens.shape[0], tokens.shape[1], mask)
+    if starts is None:
+        return None
+    if cache is not None:
+        raise ValueError(f"packed documents ({packing.describe(kwargs)}) cannot be combined with a cache "
+                         f"({type(cache).__name__}): a cache continues one stream per row. Pass "
+                         "use_cache=False and no cache for a packed forward, or one document per row")
+    if prompt_lengths is not None and state["settings"].decodes_full:
+        raise ValueError(f"prompt_lengths gives one prompt boundary per row, but the rows hold packed documents "
+                         f"({packing.describe(kwargs)}): pass labels instead (each document's prompt ends where "
+                         "its -100 prefix ends) or nothing (each document's last token predicts its answer)")
+    return starts
+
+
+def _document_boundaries(labels, documents: packing.Starts) -> torch.Tensor | None:
+    """decode="full" on packed rows: ``[B, n]``, per token the stream index of its document's first
+    fully attending query, where that document's ``-100`` prefix of ``labels`` ends (as for the
+    document alone); None without labels (each document's last token, the layouts' default)."""
+    if labels is None:
+        return None
+    n = labels.shape[1]
+    full_from = torch.empty(labels.shape, dtype=torch.long)
+    dense = []
+    for row, starts in enumerate(documents):
+        for start, end in zip(starts, starts[1:] + (n,)):
+            prompt = int(label_prompt_ends(labels[row:row + 1, start:end]))
+            if prompt <= 1 < end - start:           # the document's first token would attend fully
+                dense.append((row, start))
+            full_from[row, start:end] = start + prompt - 1
+    if dense:
+        raise ValueError(f"decode='full': the labels of packed document(s) at (row, start) {dense[:4]} have no -100 "
+                         "prefix over a prompt, so every query there would attend every earlier key (dense "
+                         "attention, no window). Put -100 over each document's prompt in labels")
+    return full_from
 
 
 def _boundary(state, args, kwargs, cache, prompt_lengths) -> torch.Tensor | None:
@@ -206,8 +260,8 @@ def refuse_dense_rows(full_from: torch.Tensor, attention_mask, source: str) -> N
 
 
 def _end_of_forward(module, args, kwargs, output):
-    if _boundaries:
-        _boundaries.pop()
+    if _forwards:
+        _forwards.pop()
 
 
 def _announce_step(module, args, kwargs):

@@ -93,32 +93,39 @@ def band(i: torch.Tensor, j: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
 
 
 def reference_mask(spec: LayerSpec, n: int, attention_mask: torch.Tensor | None = None,
-                   device=None, full_from: torch.Tensor | None = None) -> torch.Tensor:
+                   device=None, full_from: torch.Tensor | None = None,
+                   documents: torch.Tensor | None = None) -> torch.Tensor:
     """Dense boolean mask ``[B, n, n]`` over stream indices for a whole sequence
     (``[B, H, n, n]`` for a per-head dilation: one mask per query head).
 
     ``attention_mask`` is the usual 2-D ``[B, n]`` padding mask (1 = real token).  A pad
     query sees itself only, so no row is empty.  ``full_from`` ``[B]`` (decode_full specs):
     each row's first query that sees every earlier key; default ``n - 1`` (the whole input
-    is the prompt, its last token predicts the answer).  This is the reference every
-    backend and cache is tested against.
+    is the prompt, its last token predicts the answer).  ``documents`` ``[B, n]`` (packed rows):
+    a document id per token, as transformers' ``find_packed_sequence_indices`` gives; a query
+    sees keys of its own document only, and the sinks are the first S real tokens of each
+    document.  This is the reference every backend and cache is tested against.
     """
     if spec.head_dilations is not None:
-        per_dilation = {d: reference_mask(spec.with_dilation(d), n, attention_mask, device, full_from)
+        per_dilation = {d: reference_mask(spec.with_dilation(d), n, attention_mask, device, full_from, documents)
                         for d in set(spec.head_dilations)}
         return torch.stack([per_dilation[d] for d in spec.head_dilations], dim=1)
     real = (torch.ones(1, n, dtype=torch.bool, device=device) if attention_mask is None
             else attention_mask.bool())
     idx = torch.arange(n, device=real.device)
     i, j = idx[:, None], idx[None, :]
-    first_real = first_real_index(real)  # [B]
-    sink = (j[None] >= first_real[:, None, None]) & (j[None] < first_real[:, None, None] + spec.sinks)
+    doc = (torch.zeros(1, n, dtype=torch.long, device=real.device) if documents is None
+           else torch.as_tensor(documents, device=real.device))
+    same = doc[:, :, None] == doc[:, None, :]                                    # [B, n, n]
+    # first real token of each key's document: the one the sinks count from
+    first_real = torch.where(same & real[:, None, :], j[None], n).amin(-1)      # [B, n]
+    sink = (j[None] >= first_real[:, None, :]) & (j[None] < first_real[:, None, :] + spec.sinks)
     visible = band(i, j, spec)[None] | (sink & (j <= i)[None])
     if spec.decode_full:
         full_from = torch.full((1,), n - 1) if full_from is None else torch.as_tensor(full_from)
         full_query = i[None] >= full_from.to(real.device).view(-1, 1, 1)
         visible = torch.where(full_query, (j <= i)[None], visible)
-    return (visible & real[:, None, :]) | (i == j)[None]
+    return (visible & same & real[:, None, :]) | (i == j)[None]
 
 
 def first_real_index(real: torch.Tensor) -> torch.Tensor:

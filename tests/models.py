@@ -61,16 +61,18 @@ def per_head(mask: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def reference_attention(model, specs, n: int, attention_mask=None, full_from=None):
+def reference_attention(model, specs, n: int, attention_mask=None, full_from=None, documents=None):
     """Inside the block the unpatched ``model`` runs eager attention with, in layer i, the
     explicit mask of ``specs[i]`` over ``n`` tokens (``full_from``: the prompt boundary of
-    decode_full layers, see ``reference_mask``)."""
+    decode_full layers; ``documents``: a document id per token of packed rows; see
+    ``reference_mask``)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     dtype = next(model.parameters()).dtype
     hooks = []
     for module in attention_layers(model):
-        mask = per_head(reference_mask(specs[module.layer_idx], n, attention_mask, full_from=full_from))
+        mask = per_head(reference_mask(specs[module.layer_idx], n, attention_mask, full_from=full_from,
+                                       documents=documents))
         additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
         hooks.append(module.register_forward_pre_hook(
             lambda mod, args, kwargs, m=additive: (args, {**kwargs, "attention_mask": m}), with_kwargs=True))

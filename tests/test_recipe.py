@@ -258,3 +258,34 @@ def test_fsdp_on_cpu_is_refused_not_run_as_ddp(tmp_path):
                    config="cpu_fsdp_2proc.yaml", ok=False)
     assert "asks for FSDP, but accelerate runs MULTI_CPU" in proc.stderr + proc.stdout
     assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_packing_keeps_documents_apart(tmp_path):
+    """--packing: position_ids restart after each EOS, so the patched attention runs each document
+    alone and no token is predicted across a boundary; the loss of a packed block is the
+    token-weighted loss of its documents, each through the model alone."""
+    from finetune_lora import collate, lm_loss
+    from tests.models import tiny_model
+
+    batch = collate([{"input_ids": torch.tensor([5, 6, 2, 7, 8, 9, 2, 4])}], eos=2)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
+    model = swa_patch.patch_model(tiny_model("llama"), window=4, sinks=2, backend="sdpa")
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.cat([torch.randint(3, 97, (1, n - 1), generator=g), torch.tensor([[2]])], 1) for n in (3, 6, 9)]
+    batch = collate([{"input_ids": torch.cat(docs, 1)[0]}], eos=2)
+    with torch.no_grad():
+        packed = lm_loss(model, batch["input_ids"], batch["position_ids"])
+        alone = sum(lm_loss(model, d) * (d.shape[1] - 1) for d in docs) / sum(d.shape[1] - 1 for d in docs)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+    _tiny_checkpoint(tmp_path / "base")
+    paragraphs = [p for p in _text().split("\n\n") if p.strip()]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in paragraphs))
+    out = tmp_path / "out"
+    _launch(["--config", str(RECIPES / "configs" / "tiny_test.yaml"), "--model", str(tmp_path / "base"),
+             "--dataset", str(tmp_path / "train.jsonl"), "--eval-fraction", "0.1", "--packing", "--max-steps", "2",
+             "--eval-every", "0", "--save-every", "0", "--output", str(out)], tmp_path, processes=1)
+    rows = _metrics(out)
+    assert rows[0]["config"]["packing"] is True
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    assert any(math.isfinite(r["eval/loss"]) for r in rows if "eval/loss" in r)
