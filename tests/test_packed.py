@@ -226,7 +226,7 @@ def test_decode_full_takes_each_documents_own_boundary(one_thread, with_labels):
     """decode="full" on a packed row: each document's prompt ends where its -100 prefix of labels
     ends (completion-only labels), or at its last token without labels, as for the document alone."""
     model = patch_model(tiny_model("llama"), window=3, sinks=1, decode="full", backend="sdpa")
-    lengths, prompts = (9, 4, 12), (5, 1, 7)
+    lengths, prompts = (9, 4, 12), (5, 2, 7)
     docs, ids, positions, _ = documents(lengths)
     doc_labels = [d.clone() for d in docs]
     for labels, p in zip(doc_labels, prompts):
@@ -240,6 +240,18 @@ def test_decode_full_takes_each_documents_own_boundary(one_thread, with_labels):
         answers = [int((l[:, 1:] != -100).sum()) for l in doc_labels]
         expected = sum(o.loss * a for o, a in zip(single, answers)) / sum(answers)
         torch.testing.assert_close(packed.loss, expected, **TOL)
+
+
+def test_decode_full_refuses_packed_labels_without_a_prompt_prefix():
+    """TRL's padding-free labels (-100 only at each document's first token) would make every
+    document dense under decode="full": refused, before any weight is touched."""
+    model = patch_model(tiny_model("llama"), window=3, sinks=1, decode="full", backend="sdpa")
+    _, ids, positions, _ = documents((9, 4, 12))
+    labels = ids.masked_fill(positions == 0, -100)
+    seen = _untouched(model)
+    with pytest.raises(ValueError, match=r"packed document\(s\) at \(row, start\) \[\(0, 0\), \(0, 9\), \(0, 13\)\]"):
+        model(ids, position_ids=positions, use_cache=False, labels=labels)
+    assert not seen
 
 
 def test_decode_full_refuses_one_prompt_length_per_row_for_packed_documents():
