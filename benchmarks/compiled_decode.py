@@ -9,8 +9,11 @@ rounds of ``--steps`` greedy decode steps, the configurations taking turns withi
 that drift in the machine or the process hits them alike; each figure is the median over all its
 timed steps.  Configurations: the unpatched model (a second copy of the weights) after a 1k
 prompt, with a DynamicCache eager and transformers' StaticCache compiled; the patched model (4
-sinks + 1020 window, positions "shift", ``make_cache(static=True)``) after a 1k prompt and at
-stream position ``--far``, eager and compiled.  Writes benchmarks/results/compiled_decode.csv.
+sinks + 1020 window, positions "shift") with the default dynamic rolling cache, eager (what a user
+runs without asking for more), and with ``make_cache(static=True)`` eager and compiled, after a 1k
+prompt and at stream position ``--far``.  ``vs_default_eager`` divides the default eager step by
+each; ``warmup_s`` is the untimed warm-up of 3 steps, the compile included; ``ms_min``/``ms_max``
+the spread of the timed steps.  Writes benchmarks/results/compiled_decode.csv.
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ class Decoder:
 
     def __init__(self, step, tok, warmup: int = 3):
         self.step, self.tok, self.times = step, tok, []
+        start = time.perf_counter()
         self.run(warmup, timed=False)         # compiles (if any) happen here
+        self.warmup_s = time.perf_counter() - start
 
     def run(self, steps: int, timed: bool = True):
         with torch.no_grad():
@@ -82,6 +87,12 @@ def main():
         plain(ids[:, :args.prompt], cache=static)
         step = torch.compile(lambda t, c=static: plain(t, cache=c).logits, fullgraph=True)
         decoders[("unpatched", args.prompt, True)] = Decoder(step, first)
+        for position in (args.prompt, args.far):     # the default: eager over the dynamic rolling cache
+            cache = make_cache(patched)
+            for start in range(0, position, 2048):
+                patched(ids[:, start:min(position, start + 2048)], cache=cache)
+            decoders[("swa_patch_default", position, False)] = Decoder(
+                lambda t, c=cache: patched(t, cache=c).logits, ids[:, position - 1:position])
         for position in (args.prompt, args.far):     # eager and compiled steps take turns on one cache
             cache = make_cache(patched, static=True)
             for start in range(0, position, 2048):    # the prompt, eagerly, in chunks
@@ -98,9 +109,14 @@ def main():
             f"{m} {pos} {'c' if c else 'e'} {statistics.median(d.times[-args.steps:]):.1f}"
             for (m, pos, c), d in decoders.items()), flush=True)
     ms = {key: statistics.median(d.times) for key, d in decoders.items()}
+    spread = {key: (min(d.times), max(d.times)) for key, d in decoders.items()}
+    default = lambda pos: ms[("swa_patch_default", pos, False)] if ("swa_patch_default", pos, False) in ms else None  # noqa: E731
     rows = [{"method": m, "position": pos, "compiled": c, "ms_per_token": round(v, 3),
+             "ms_min": round(spread[(m, pos, c)][0], 3), "ms_max": round(spread[(m, pos, c)][1], 3),
              "vs_eager_same_position": round(ms[(m, pos, False)] / v, 3),
+             "vs_default_eager": round(default(pos) / v, 3) if default(pos) else None,
              "vs_unpatched_1k_same_mode": round(ms[("unpatched", args.prompt, c)] / v, 3),
+             "warmup_s": round(decoders[(m, pos, c)].warmup_s, 2),
              "timed_steps": args.steps * args.rounds} for (m, pos, c), v in ms.items()]
     write_csv(os.path.join(RESULTS, "compiled_decode.csv"), rows)
     print_table(rows, list(rows[0]))

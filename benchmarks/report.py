@@ -210,8 +210,8 @@ def varying_prompts():
 
 def compiled_decode():
     name = "compiled_decode.csv"
-    text = simple(name, ["method", "position", "compiled", "ms_per_token", "vs_eager_same_position",
-                         "vs_unpatched_1k_same_mode"])
+    text = simple(name, ["method", "position", "compiled", "ms_per_token", "ms_min", "ms_max", "vs_default_eager",
+                         "vs_eager_same_position", "vs_unpatched_1k_same_mode", "warmup_s"])
     after = "decode_after_long_prefill.csv"
     text += (f"\n\nThe same cache, eager, one process, 1k then 32k then 1k again ({source(after)}):\n\n"
              + simple(after, ["order", "position", "after_32k_prefill", "ms_per_token", "vs_first_1k"]))
@@ -415,11 +415,13 @@ def t_varying():
 
 def t_compiled():
     data = rows("compiled_decode.csv")
-    eager, comp = (pick(data, method="swa_patch", position=1024, compiled=c) for c in (False, True))
+    default, comp, static = (pick(data, method=m, position=1024, compiled=c) for m, c in
+                             (("swa_patch_default", False), ("swa_patch", True), ("swa_patch", False)))
     far = pick(data, method="swa_patch", position=32768, compiled=True)
-    return (_ratio(comp, "vs_eager_same_position") >= 1.3,
-            f"{f(comp['vs_eager_same_position'])}x at a 1k stream ({f(comp['ms_per_token'], 1)} vs "
-            f"{f(eager['ms_per_token'], 1)} ms), {f(far['vs_eager_same_position'])}x at 32k")
+    return (_ratio(comp, "vs_default_eager") >= 1.3,
+            f"{f(comp['vs_default_eager'])}x the default eager step at a 1k stream ({f(comp['ms_per_token'], 1)} vs "
+            f"{f(default['ms_per_token'], 1)} ms), {f(far['vs_default_eager'])}x at 32k; compile + 3 warm-up steps "
+            f"{f(comp['warmup_s'], 1)} s; the static cache's own eager step {f(static['ms_per_token'], 1)} ms")
 
 
 def t_position():
@@ -478,7 +480,7 @@ TARGETS = [   # (the target as the issues state it, its check and figures, the C
     ("windowed SmolLM2 perplexity lower after fine-tuning", t_finetune, "smollm2_window_finetune.csv"),
     ("12 prompts of 12 lengths (2k–16k) through `auto`: total ≤ 1.1x the sdpa band, compiles included", t_varying,
      "varying_prompts.csv"),
-    ("compiled decode step ≥ 1.3x eager (SmolLM2-135M, 1 thread, 4 + 1020 static cache)", t_compiled,
+    ("compiled decode step ≥ 1.3x the default eager step (SmolLM2-135M, 1 thread, 4 + 1020 cache)", t_compiled,
      "compiled_decode.csv"),
     ("decode step at stream position 32k ≤ 1.05x the unpatched model's at a 1k cache", t_position,
      "compiled_decode.csv"),
