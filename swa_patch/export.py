@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from . import compat
 from .checkpoint import save_pretrained
+from .families import retype_conflicts
 from .state import find_patched, layer_specs, patch_settings
 
 ENGINES = ("vllm", "sglang", "transformers")
@@ -128,18 +129,23 @@ def serving_fields(model, engine: str, approximate=False) -> dict:
         if windowed != expected or window != getattr(config, "sliding_window", None):
             lost.append(f"this window pattern ({engine} windows exactly the even {config.model_type} layers with "
                         f"the config's own sliding_window={getattr(config, 'sliding_window', None)})")
+    types = ["sliding_attention" if w else "full_attention" for w in windowed]
+    retyped = retype_conflicts(config, types) if rule.kind != "ignored" else []
+    if retyped:
+        lost.append("a window on a layer whose type drives more than the window, or none on one: "
+                    + ", ".join(retyped) + " (no approximation: keep those layers as the model has them)")
     if lost:
         raise ValueError(f"{engine} cannot serve this model with swa_patch's attention: it cannot express "
                          + "; ".join(lost) + ". Pass approximate=[...] naming what may be dropped "
                          f"(from {DROPPABLE}) to export an approximation, or serve with swa_patch")
-    if rule.kind == "ignored" or window is None:
+    if rule.kind == "ignored":
         return {}
     fields = {"sliding_window": window}
-    if getattr(config, "layer_types", None) is not None or not all(windowed):
+    if getattr(config, "layer_types", None) is not None or any(windowed) and not all(windowed):
         # only where needed: transformers loads a Mistral config with layer_types as Ministral
-        fields["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windowed]
+        fields["layer_types"] = types
     if rule.use_sliding_window or hasattr(config, "use_sliding_window"):
-        fields["use_sliding_window"] = True
+        fields["use_sliding_window"] = window is not None
     if hasattr(config, "max_window_layers"):
         fields["max_window_layers"] = 0 if all(windowed) else config.max_window_layers
     return fields
