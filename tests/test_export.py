@@ -26,7 +26,7 @@ def _ids(n=40):
 
 # ---- each engine's rule, from the config alone (what the engine would do) ------------------------
 def vllm_windows(config: dict) -> list:
-    """vLLM 0.33: layer_types[i] (Llama, Mistral, Phi3, Gemma*) or, without layer_types, the
+    """vLLM 0.32: layer_types[i] (Llama, Mistral, Phi3, Gemma 2/3) or, without layer_types, the
     model-wide sliding_window on every layer; Qwen2/3 one window only (mixed layer types are an
     assertion, or full everywhere when max_window_layers == num_hidden_layers); GPT-OSS windows
     its even layers and ignores layer_types."""
@@ -34,6 +34,8 @@ def vllm_windows(config: dict) -> list:
     kind = config["model_type"]
     if kind == "gpt_oss":
         return [w if i % 2 == 0 else None for i in range(n)]
+    if kind == "gemma":      # no per-layer code: the model-wide window only if every layer_types entry is sliding
+        return [w if not types or set(types) == {"sliding_attention"} else None] * n
     if kind in ("qwen2", "qwen3"):
         if types and len(set(types)) > 1:
             raise AssertionError("vLLM: Qwen2 with mixed layer_types")
@@ -252,3 +254,14 @@ def test_a_retyped_gemma3_layer_is_refused_and_saved_without_native_fields(tmp_p
     assert serving_fields(patch_model(tiny_model("gemma3_text"), window=8), "transformers")["sliding_window"] == 8
     gemma2 = serving_fields(patch_model(tiny_model("gemma2"), window=[8, 8]), "transformers")
     assert gemma2["layer_types"] == ["sliding_attention"] * 2
+
+
+def test_export_verify_options_fail_before_loading(tmp_path):
+    from swa_patch.cli import main
+    missing = str(tmp_path / "no-such-checkpoint")          # never read: the options fail first
+    with pytest.raises(SystemExit, match="--verify-python: .*not an executable"):
+        main(["export", missing, str(tmp_path / "o"), "--verify-python", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match="needs --engine vllm"):
+        main(["export", missing, str(tmp_path / "o"), "--engine", "transformers", "--verify"])
+    with pytest.raises(SystemExit, match="--verify-tokens must be at least 2"):
+        main(["export", missing, str(tmp_path / "o"), "--verify", "--verify-tokens", "1"])
