@@ -11,7 +11,10 @@ engine and family in :data:`RULES`):
 - ``ignored``: the engine runs full attention whatever the config says.
 
 No engine can express StreamingLLM sinks, dilation, different windows per layer or
-decode="full"; an export that would drop one is refused unless ``approximate`` names it.  The
+decode="full"; an export that would drop one is refused unless ``approximate`` names it.  A
+field is rewritten only where it drives nothing but the window: Gemma 3's ``layer_types`` also
+picks each layer's RoPE base, so a window on its global layers (or none on a local one) is
+refused outright (:func:`swa_patch.families.retype_conflicts`).  The
 ``swa_patch`` block stays in ``config.json``, so :func:`swa_patch.from_pretrained` restores
 the exact settings, sinks included.
 """
