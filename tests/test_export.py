@@ -265,3 +265,21 @@ def test_export_verify_options_fail_before_loading(tmp_path):
         main(["export", missing, str(tmp_path / "o"), "--engine", "transformers", "--verify"])
     with pytest.raises(SystemExit, match="--verify-tokens must be at least 2"):
         main(["export", missing, str(tmp_path / "o"), "--verify", "--verify-tokens", "1"])
+
+
+def test_verify_reports_what_vllm_said(tmp_path):
+    """The driver runs in another interpreter; its failure (here: this one, without vLLM, or a
+    checkpoint it cannot read) comes back as vLLM's last error line, and verify_export raises it."""
+    import importlib.util
+    import sys
+
+    from swa_patch.verify import verify_export, vllm_prompt_logprobs
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("this interpreter has vLLM")
+    got = vllm_prompt_logprobs([(tmp_path, [torch.arange(4)])], python=sys.executable)
+    assert got == ["ModuleNotFoundError: No module named 'vllm'"]
+    model = patch_model(tiny_model("mistral"), window=8)
+    with pytest.raises(RuntimeError, match="(?s)vLLM could not serve .*No module named 'vllm'"):
+        verify_export(model, tmp_path, n_tokens=16, python=sys.executable)
+    with pytest.raises(ValueError, match="verify_python="):
+        verify_export(model, tmp_path, python=str(tmp_path / "no-python"))
