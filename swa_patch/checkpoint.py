@@ -6,7 +6,9 @@ into ``config.json``.  :func:`save_pretrained` adds what a plain ``save_pretrain
 
 - for families with a native sliding window (Mistral, Qwen2, Gemma 2/3, ...) it writes the
   native fields (``sliding_window``, ``layer_types``, ...) so that plain transformers, without
-  this package, runs the same plain window (sinks and dilation have no native field);
+  this package, gives the same logits; only where it then does exactly (no sinks, dilation,
+  per-layer sizes or decode="full", no Gemma 3 layer retyped: its type picks its RoPE base);
+  otherwise config.json keeps the model's own fields;
   the in-memory model is not changed, and the original values are kept beside the block
   (``swa_patch_native``) so :func:`from_pretrained` rebuilds exactly the model that was saved;
 - a model loaded from a GGUF file (dequantised weights, but marked "quantized with gguf")
