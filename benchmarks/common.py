@@ -50,7 +50,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     env = provenance()
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
+        columns = list(dict.fromkeys(key for row in rows for key in row))   # every row's, in order
+        writer = csv.DictWriter(f, fieldnames=columns + list(env))
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, **env})

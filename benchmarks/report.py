@@ -61,6 +61,8 @@ MEASURES = {
     "smollm2_window_finetune.csv": ATTENTION + ("recipes", "benchmarks/smollm2_window_finetune.py"),
     "long_range_study.csv": CACHE + ("swa_patch/retrieval.py", "recipes", "benchmarks/long_range_study.py"),
     "gpu_check_h200.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/gpu_check.py"),
+    "vllm_roundtrip.csv": ATTENTION + ("swa_patch/export.py", "swa_patch/families.py", "swa_patch/checkpoint.py",
+                                       "swa_patch/verify.py", "swa_patch/_vllm_driver.py", "benchmarks/vllm_roundtrip.py"),
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -521,6 +523,18 @@ def targets(names=None):
     return table(["target", "met", "measured", "from"], body)
 
 
+def vllm_roundtrip():
+    """Each export served by vLLM itself: max |Δ log p| of its prompt tokens against the patched
+    model, and against the same model with W-1, W+1 and no window (a tolerance must reject those)."""
+    name = "vllm_roundtrip.csv"
+    value = lambda x: num(x) if x else "–"                                   # noqa: E731
+    body = [[r["kind"], r["family"], r["window"], r["export"], r["tokens"], value(r["vs patched"]),
+             " / ".join(value(r[c]) for c in ("vs W-1", "vs W+1", "vs dense")),
+             value(r["vs W, no sinks"] or r["vs W, no dilation"]) ] for r in rows(name)]
+    return with_source(name, table(["kind", "model", "window", "export", "tokens", "vs patched",
+                                    "vs W−1 / W+1 / dense", "vs the window without sinks / dilation"], body))
+
+
 def demo():
     """The quick start's last checkpoint, from the demo run recorded with ``--csv``."""
     name = "streaming_demo.csv"
@@ -534,7 +548,7 @@ def demo():
 
 
 SECTIONS = {
-    "headline": lambda: targets(HEADLINE), "demo": demo,
+    "headline": lambda: targets(HEADLINE), "demo": demo, "vllm_roundtrip": vllm_roundtrip,
     "targets": targets, "prefill": prefill, "decode": decode, "varying_prompts": varying_prompts,
     "compiled_decode": compiled_decode, "stream": stream,
     "attention_sinks": csv_table("attention_sinks_compare.csv", ["method", "tokens", "ppl", "tokens_per_s",
