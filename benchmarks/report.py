@@ -599,8 +599,9 @@ def main():
         for page in pages:
             with open(page) as fh:
                 text = fh.read()
+            fresh = render(text)                 # before opening for writing: a failure leaves the page
             with open(page, "w") as fh:
-                fh.write(render(text))
+                fh.write(fresh)
             print(f"rewrote {len(BLOCK.findall(text))} blocks of {os.path.relpath(page, ROOT)}")
     elif args.check is not None:
         bad = {}
