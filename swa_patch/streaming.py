@@ -79,10 +79,11 @@ def checkpoints(n_tokens: int, every: int) -> list[int]:
 
 def stream_perplexity(model, input_ids, mode: str, window: int, sinks: int = 4, chunk: int = 1,
                       every: int = 256, positions: str | None = None, backend: str = "auto",
-                      progress: bool = True) -> list[Row]:
+                      progress: bool = True, all_layers: bool = False) -> list[Row]:
     """Stream ``input_ids`` (``[T]`` or ``[1, T]``) through ``model`` in ``mode`` and return
-    one :class:`Row` per checkpoint (every ``every`` tokens and at the end).  ``model`` is
-    left unpatched afterwards."""
+    one :class:`Row` per checkpoint (every ``every`` tokens and at the end).  ``all_layers``
+    windows every layer, also those a hybrid model (Gemma 2/3) declares global, which a single
+    ``window`` leaves full.  ``model`` is left unpatched afterwards."""
     from tqdm.auto import tqdm
 
     from .patch import patch_model, unpatch_model
@@ -107,10 +108,12 @@ def stream_perplexity(model, input_ids, mode: str, window: int, sinks: int = 4, 
     marks = checkpoints(n, every)
 
     unpatch_model(model)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    layers = (lambda w: [w] * n_layers) if all_layers else (lambda w: w)
     if mode == "window":   # same KV budget; shift positions too, so neither mode leaves the trained context
-        patch_model(model, window=window + sinks, sinks=0, positions=positions or "shift", backend=backend)
+        patch_model(model, window=layers(window + sinks), sinks=0, positions=positions or "shift", backend=backend)
     elif mode == "sinks":
-        patch_model(model, window=window, sinks=sinks, positions=positions, backend=backend)
+        patch_model(model, window=layers(window), sinks=sinks, positions=positions, backend=backend)
     rows, nll_sum, seconds = [], 0.0, 0.0
     bar = tqdm(total=n, desc=f"{mode:>9}", unit="tok", disable=not progress, leave=False)
     try:
@@ -171,7 +174,7 @@ def _recompute_steps(model, ids, context: int):
 
 def compare(model, input_ids, modes=("dense", "window", "sinks"), window: int = 1020, sinks: int = 4,
             chunk: int = 1, every: int = 256, positions: str | None = None, backend: str = "auto",
-            max_tokens: dict | None = None, progress: bool = True) -> list[Row]:
+            max_tokens: dict | None = None, progress: bool = True, all_layers: bool = False) -> list[Row]:
     """Run each mode on the same tokens, one after the other; ``max_tokens`` caps a mode
     (e.g. ``{"recompute": 512}``: it costs a full forward of the window per token)."""
     modes = parse_modes(modes)
@@ -180,7 +183,7 @@ def compare(model, input_ids, modes=("dense", "window", "sinks"), window: int = 
         cap = (max_tokens or {}).get(mode)
         ids = input_ids if cap is None else torch.as_tensor(input_ids).reshape(-1)[:cap]
         rows += stream_perplexity(model, ids, mode, window, sinks, chunk=chunk, every=every,
-                                  positions=positions, backend=backend, progress=progress)
+                                  positions=positions, backend=backend, progress=progress, all_layers=all_layers)
     return rows
 
 
@@ -263,6 +266,9 @@ def add_cli(subparsers) -> None:
                    help="cap one mode's tokens, e.g. recompute=512 (repeatable)")
     p.add_argument("--positions", choices=("original", "shift"), default=None,
                    help="position mode for window/sinks (default: the library's)")
+    p.add_argument("--all-layers", action="store_true",
+                   help="window every layer, also the global layers of a hybrid model (Gemma 2/3), which "
+                        "otherwise keep full attention and a growing cache")
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--csv", default=None, help="CSV path (default: next to --plot, else stream.csv)")
@@ -303,16 +309,18 @@ def run_cli(args) -> int:
             raise ValueError(f"--tokens {args.tokens} is more than the text holds ({ids.numel()} tokens)")
         ids = ids[:args.tokens]
     every = args.every or max(1, ids.numel() // 16)
-    print(f"streaming {ids.numel()} tokens through {args.model}: window {args.window}, sinks {args.sinks}, "
-          f"chunk {args.chunk}, modes {','.join(modes)}")
+    print(f"streaming {ids.numel()} tokens through {args.model}: window {args.window}"
+          f"{' on every layer' if args.all_layers else ''}, sinks {args.sinks}, chunk {args.chunk}, "
+          f"modes {','.join(modes)}")
     rows = compare(model, ids, modes, window=args.window, sinks=args.sinks, chunk=args.chunk,
                    every=every, positions=args.positions, backend=args.backend, max_tokens=caps,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, all_layers=args.all_layers)
     print(format_table(rows))
     csv_path = args.csv or (os.path.splitext(args.plot)[0] + ".csv" if args.plot else "stream.csv")
     write_csv(rows, csv_path)
     print(f"wrote {csv_path}")
     if args.plot:
-        plot(rows, args.plot, title=f"{args.model}: window {args.window}, sinks {args.sinks}")
+        plot(rows, args.plot, title=f"{args.model}: window {args.window}{' (every layer)' if args.all_layers else ''}"
+                                    f", sinks {args.sinks}")
         print(f"wrote {args.plot}")
     return 0

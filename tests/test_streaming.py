@@ -82,6 +82,18 @@ def test_window_modes_differ_from_dense_and_memory_is_bounded(model, ids):
         assert ppl_of(short) == pytest.approx(dense_short, rel=1e-5)
 
 
+def test_all_layers_windows_the_global_layers_of_a_hybrid_model(ids):
+    """Gemma 3 keeps its global layers full under a single window (their keys pile up);
+    ``all_layers`` windows them too, and its streamed perplexity is the chunk-independent one."""
+    m = tiny_model("gemma3_text")              # layers: sliding, sliding, full
+    own = [r.kv_bytes for r in stream_perplexity(m, ids, "sinks", 8, 3, chunk=16, every=30, progress=False)]
+    every = stream_perplexity(m, ids, "sinks", 8, 3, chunk=16, every=30, progress=False, all_layers=True)
+    assert own == sorted(own) and own[-1] > own[0]
+    assert len({r.kv_bytes for r in every}) == 1 and every[0].kv_bytes < own[0]
+    one = stream_perplexity(m, ids, "sinks", 8, 3, chunk=1, every=30, progress=False, all_layers=True)
+    assert ppl_of(every) == pytest.approx(ppl_of(one), rel=1e-4)
+
+
 def test_model_left_unpatched(model, ids):
     before = model.config._attn_implementation
     stream_perplexity(model, ids[:30], "sinks", 8, 2, chunk=4, every=30, progress=False)
