@@ -1,7 +1,7 @@
 """Decode speed of SmolLM2-135M with the rolling cache: eager vs torch.compile(fullgraph=True) over
 the static-shape cache, and at 32k tokens vs the unpatched model's own step at a 1k cache.
 
-    PYTHONPATH=. python benchmarks/compiled_decode.py [--threads 1] [--steps 16] [--rounds 4] [--far 32768]
+    PYTHONPATH=. python benchmarks/compiled_decode.py [--threads 1] [--steps 16] [--rounds 5] [--far 32768]
 
 One process, one thread by default.  Every configuration is set up first (prompt read, step
 compiled and warmed up: compiles are outside the timed region), then timed in ``--rounds``
@@ -55,7 +55,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=16, help="timed steps per configuration per round")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--far", type=int, default=32768)
     args = p.parse_args()
