@@ -47,7 +47,7 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026
                            "--plot", f"{R}/stream_gemma3_40k.png"], 15),
     "gemma3_prefill": (["benchmarks/gemma3_prefill.py"], 25),
     "long_range": (["benchmarks/long_range_study.py"], 150),
-    "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 10),
+    "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 40),   # 5 paired rounds
 }
 
 

@@ -150,3 +150,35 @@ def test_a_table_older_than_its_code_is_marked_stale(report, results):
     assert "not in this history" in report.source("varying_prompts.csv")
     assert set(report.MEASURES) >= {n for n in os.listdir(results) if n.endswith(".csv")} - {
         "long_range_study_probes.csv"}, "every CSV names the code it measures"
+
+
+def test_attention_sinks_is_judged_on_the_median_paired_speedup(report, results):
+    """The comparison's CSV as benchmarks/attention_sinks_compare.py writes it now (medians of paired
+    rounds, spread, warm-up): the target reads the median, a best round cannot meet it; an older CSV
+    (best of rounds, unpaired) is shown but not judged."""
+    met, text = report.t_attention_sinks()                  # whichever format the CSV in results has
+    assert met in (True, False, None) and text
+    path = results / "attention_sinks_compare.csv"
+    columns = ["method", "tokens", "rounds", "warmup_tokens", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
+               "speedup_vs_attention_sinks", "speedup_min", "speedup_max", "warmup_s", "warmup_s_min",
+               "warmup_s_max", "warmup_s_first", "load_s", "ppl"]
+    values = {"attention_sinks": [10, 9, 11, 1, 1, 1, 0.7, 0.6, 0.8, 0.8],
+              "swa_patch": [11, 10, 12, 1.1, 1.0, 1.2, 0.9, 0.8, 1.0, 0.9],
+              "swa_patch_compiled": [14.9, 14, 16, 1.49, 1.4, 1.62, 30, 28, 200, 200]}
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for method, v in values.items():
+            writer.writerow([method, 1280, 5, 8, *v, 0.5, 12.47])
+    met, text = report.t_attention_sinks()
+    assert met is False and text.startswith("1.49x (1.40–1.62)") and "(200.0 s with an empty compile cache)" in text
+    assert "| swa_patch_compiled | 1280 | 12.4700 | 14.90 (14.00–16.00) | 1.490x (1.400–1.620) |" in report.attention_sinks()
+    edit_csv(path, "speedup_vs_attention_sinks", {"method": "swa_patch_compiled"}, "1.5")
+    assert report.t_attention_sinks()[0] is True
+    with open(path, "w", newline="") as f:                   # the format before rounds were paired
+        f.write("method,tokens,sinks,window,ppl,tokens_per_s,speedup_vs_attention_sinks\n"
+                "attention_sinks,1280,4,1020,12.47,9.12,1.0\nswa_patch,1280,4,1020,12.47,10.2,1.12\n"
+                "swa_patch_compiled,1280,4,1020,12.47,13.8,1.51\n")
+    met, text = report.t_attention_sinks()
+    assert met is None and text.startswith("not judged") and "1.51x" in text
+    assert "An older run" in report.attention_sinks()
