@@ -59,6 +59,7 @@ MEASURES = {
     "stream_gemma3_40k.csv": CACHE + ("swa_patch/streaming.py",),
     "streaming_demo_gemma3.csv": CACHE + ("swa_patch/streaming.py", "examples/streaming_demo.py"),
     "gemma3_prefill.csv": CACHE + ("benchmarks/gemma3_prefill.py",),
+    "stream_gemma3_16k_w1020.csv": CACHE + ("swa_patch/streaming.py",),
     "stream_chunked_vs_tbt.csv": CACHE + ("swa_patch/streaming.py", "benchmarks/stream_chunked.py"),
     "attention_sinks_compare.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/attention_sinks_compare.py",
                                             "benchmarks/attention_sinks_side.py"),
@@ -481,6 +482,7 @@ def t_distill():
 
 # ---- Gemma-3-270M, the second real model ----------------------------------------------------
 GEMMA3_STREAM, GEMMA3_PREFILL = "stream_gemma3_40k.csv", "gemma3_prefill.csv"
+GEMMA3_W1020 = "stream_gemma3_16k_w1020.csv"      # the same first 16k, every layer W=1020 + 4 sinks
 
 
 def segment_ppl(data, mode, start, end):
@@ -495,23 +497,26 @@ def segment_ppl(data, mode, start, end):
 
 def gemma3_stream():
     """Every layer windowed + sinks vs the model as loaded, streamed past its 32k context."""
-    data = rows(GEMMA3_STREAM)
+    data, wider = rows(GEMMA3_STREAM), rows(GEMMA3_W1020)
     if not data:
         return source(GEMMA3_STREAM)
     body = []
-    for mode in dict.fromkeys(r["mode"] for r in data):
-        mine = [r for r in data if r["mode"] == mode]
+    for mode, mine in [*((m, [r for r in data if r["mode"] == m]) for m in dict.fromkeys(r["mode"] for r in data)),
+                       *((f"{m} (W=1020)", [r for r in wider if r["mode"] == m]) for m in dict.fromkeys(
+                           r["mode"] for r in wider))]:
         at16 = next((r for r in mine if r["tokens"] == "16384"), None)
         end = int(mine[-1]["tokens"])
-        past = f(segment_ppl(data, mode, 32768, end), 3) if end > 32768 else "–"
+        past = f(segment_ppl(mine, mine[0]["mode"], 32768, end), 3) if end > 32768 else "–"
         body.append([mode, num(end), f(at16["ppl"], 3) if at16 else "–", f(mine[-1]["ppl"], 3), past,
                      f(int(at16["kv_bytes"]) / 2**20, 1) if at16 else "–", f(int(mine[-1]["kv_bytes"]) / 2**20, 1),
                      f(mine[-1]["tokens_per_s"], 0)])
     text = table(["mode", "tokens streamed", "ppl, first 16k", "ppl, all", "ppl past 32k", "KV MiB at 16k",
                   "KV MiB at the end", "tokens/s (chunk 512)"], body)
+    wider_source = f"\n\nThe W=1020 row: {source(GEMMA3_W1020)}" if wider else ""
     return with_source(GEMMA3_STREAM, "`dense` is Gemma-3-270M as it loads (its own 512-token windows on 15 layers, "
                        "3 global layers); `window` and `sinks` window every layer (`--all-layers`), the "
-                       "global ones too:\n\n" + text)
+                       "global ones too, with W=512 (4 sinks + 512 recent tokens; `window`: the last 516):\n\n"
+                       + text + wider_source)
 
 
 def gemma3():
@@ -530,7 +535,17 @@ def t_gemma3_stream():
             f"ppl over the first 16k {f(sinks['ppl'], 3)} vs the model as loaded {f(loaded['ppl'], 3)} "
             f"({(gap - 1) * 100:+.1f} %); streamed to {end:,}: ppl of tokens 32,768–{end:,} "
             f"{f(segment_ppl(data, 'sinks', 32768, end), 2)}, KV {'flat at ' if flat else 'NOT flat, '}"
-            f"{int(streamed[-1]['kv_bytes']) / 2**20:.1f} MiB (as loaded: {int(loaded['kv_bytes']) / 2**20:.1f} MiB at 16k)")
+            f"{int(streamed[-1]['kv_bytes']) / 2**20:.1f} MiB (as loaded: {int(loaded['kv_bytes']) / 2**20:.1f} MiB at 16k)"
+            + _gemma3_wider(float(loaded["ppl"])))
+
+
+def _gemma3_wider(loaded_ppl):
+    """The same 16k with W=1020 on every layer, where that run exists."""
+    wider = [r for r in rows(GEMMA3_W1020) if r["mode"] == "sinks" and r["tokens"] == "16384"]
+    if not wider:
+        return ""
+    ppl = float(wider[0]["ppl"])
+    return f"; with W=1020 on every layer {ppl:.3f} ({(ppl / loaded_ppl - 1) * 100:+.1f} %, `{GEMMA3_W1020}`)"
 
 
 def t_gemma3_prefill():

@@ -45,6 +45,10 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026
                            "--max-tokens", "dense=16384", "--max-tokens", "window=16384", "--every", "2048",
                            "--threads", "2", "--no-progress", "--csv", f"{R}/stream_gemma3_40k.csv",
                            "--plot", f"{R}/stream_gemma3_40k.png"], 15),
+    "gemma3_stream_w1020": (["-m", "swa_patch.cli", "stream", "--model", "gemma3", "--all-layers", "--tokens", "16384",
+                             "--chunk", "512", "--window", "1020", "--sinks", "4", "--compare", "sinks", "--every",
+                             "2048", "--threads", "2", "--no-progress", "--csv", f"{R}/stream_gemma3_16k_w1020.csv",
+                             "--plot", ""], 6),
     "gemma3_prefill": (["benchmarks/gemma3_prefill.py"], 25),
     "long_range": (["benchmarks/long_range_study.py"], 150),
     "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 40),   # 5 paired rounds

@@ -184,17 +184,20 @@ LLAMA3 = dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta
 
 
 @pytest.mark.parametrize("family,extra", [("llama", {}), ("gpt_neox", {}), ("phi", {}),
-                                          ("gemma3_text", {}), ("llama", YARN), ("llama", LLAMA3)],
-                         ids=["llama", "gpt_neox", "phi", "gemma3_text", "yarn", "llama3"])
+                                          ("gemma3_text", {"layer_types": ["sliding_attention"]}),
+                                          ("gemma3_text", {"layer_types": ["full_attention"]}),
+                                          ("llama", YARN), ("llama", LLAMA3)],
+                         ids=["llama", "gpt_neox", "phi", "gemma3_text", "gemma3_text_global_windowed", "yarn",
+                              "llama3"])
 def test_shift_step_equals_reencoding_of_kept_tokens(family, extra):
     """One attention layer, so the step's logits depend only on the kept tokens: re-encode
     [sinks, window] with the unpatched model at the in-cache positions (sinks 0..S-1, the
-    window ending at S + W - 1) and compare the logits and the first layer's keys."""
+    window ending at S + W - 1) and compare the logits and the first layer's keys.  A Gemma 3
+    global layer, windowed by a per-layer list, keeps its own RoPE base (1e6, not 1e4)."""
     s, n = 2, 23
     overrides = dict(num_hidden_layers=1, **extra)
-    if family == "gemma3_text":
-        overrides["layer_types"] = ["sliding_attention"]
-    model = patched(family, sinks=s, positions="shift", **overrides)
+    window = [W] if family == "gemma3_text" else W        # a list windows a global layer too
+    model = patched(family, window=window, sinks=s, positions="shift", **overrides)
     ids = ids_for(n)
     steps, cache = stepwise(model, ids)
     plain = unpatch_model(tiny_model(family, **overrides))
