@@ -94,8 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=None, help="default: 256 (SmolLM2), 512 (Gemma)")
     p.add_argument("--sinks", type=int, default=4, help="sinks of rows that say 'sinks' without ':N'")
     p.add_argument("--rows", default=None, help="comma-separated CONFIG[@ce|@distill] (default: per model)")
-    p.add_argument("--sink-sweep", default="4,16,64,128",
-                   help="keep-first-k sweep: rows sinks:k+decode-full and sinks:k+full-layers:4 ('' for none)")
+    p.add_argument("--sink-sweep", default=None,
+                   help="keep-first-k sweep: rows sinks:k+decode-full and sinks:k+full-layers:4 for these k "
+                        "(default 4,16,64,128; --quick 4,16; '' for none)")
     p.add_argument("--distances", default=None, help="copy distances (default W/2, W, 2W, 4W, 8W, 16W, 24W)")
     p.add_argument("--span", type=int, default=64)
     p.add_argument("--trials", type=int, default=10, help="copy trials per distance")
@@ -133,10 +134,12 @@ def parse_args(argv=None):
     if args.quick:
         args.distances = args.distances or f"{args.window // 2},{2 * args.window}"
         args.trials, args.passkey_tries, args.steps, args.seq_len, args.ppl_blocks = 2, 1, 2, 256, 2
-        args.depths, args.sink_sweep, args.resamples = "0.25,0.75", "4,16", 200
+        args.depths, args.resamples = "0.25,0.75", 200
+        args.sink_sweep = "4,16" if args.sink_sweep is None else args.sink_sweep
         args.passkey_lengths, args.prefill_tokens, args.prefill_rounds = str(2 * args.window), 2048, 2
         args.out = args.out or os.path.join(args.work, spec["out"] + "_quick")
     args.out = args.out or os.path.join(RESULTS, spec["out"])
+    args.sink_sweep = "4,16,64,128" if args.sink_sweep is None else args.sink_sweep
     for name in ("trials", "passkey_tries", "prefill_rounds", "resamples"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -27,6 +27,8 @@ def test_defaults_meet_the_issue(study):
     assert "native" in gemma.rows.split(",") and "@" not in gemma.rows          # no LoRA rows by default
     quick = study.parse_args(["--quick", "--model", "gemma3-270m"])
     assert "results" not in quick.out and quick.trials >= 2 and quick.prefill_rounds >= 2
+    assert args.sink_sweep == "4,16,64,128" and quick.sink_sweep == "4,16"
+    assert study.parse_args(["--quick", "--sink-sweep", ""]).sink_sweep == ""
 
 
 def test_sink_sweep_adds_rows_once(study):
