@@ -1,24 +1,50 @@
-"""The SWAA study (arXiv 2512.10411) reproduced on SmolLM2-135M-Instruct, in one run.
+"""The SWAA study (arXiv 2512.10411) reproduced on SmolLM2-135M-Instruct or Gemma-3-270M, in one run.
 
-    PYTHONPATH=. python benchmarks/long_range_study.py            # ~2-3 h on 2 CPU cores
-    PYTHONPATH=. python benchmarks/long_range_study.py --quick    # a minutes-long dry run
+    PYTHONPATH=. python benchmarks/long_range_study.py                        # SmolLM2, ~4 h on 2 cores
+    PYTHONPATH=. python benchmarks/long_range_study.py --model gemma3-270m    # Gemma, ~5 h, no LoRA rows
+    PYTHONPATH=. python benchmarks/long_range_study.py --quick [--model ...]  # a dry run, 10-20 min
 
-1. Splits ``pydoc_data.topics`` by topic into training text and held-out text.
-2. Trains two LoRA adapters on the windowed model (``--train-config``) with
-   ``recipes/finetune_lora.py`` through ``accelerate launch``, on the same steps, data and seed:
-   plain cross-entropy, and self-distillation (``--distill``: teacher = the same weights,
-   adapter off, window off).
-3. For every row (``--rows``: a configuration of ``swa_patch.retrieval``, ``@ce`` or
-   ``@distill`` for the adapter merged in), on the held-out text: copy-probe recall at
-   D = W/2 ... (effective reach beside the receptive field), passkey accuracy per haystack
-   length (decode="full" rows: boundary at the question, and again at the prompt end),
-   windowed held-out perplexity; and, once per attention configuration, the model
-   prefill time of a 16k-token prompt through the default generate() cache (relative to the
-   unpatched model) and the KV-cache bytes it leaves.
+The run prints its own estimate first (from the grid and per-token rates measured on this
+project's 2-core machine; expect +-50 %).  ``--quick`` runs every step on a tiny grid (11 min for
+SmolLM2, 22 min for Gemma with one LoRA row, at ``--threads 1`` on a busy machine).  Gemma's
+unpatched model, the ``dense`` row, already windows 15 of its 18 layers at 512.
 
-Writes ``benchmarks/results/long_range_study.csv`` (one row per configuration, with the
-command, commit, machine and versions), ``long_range_study_probes.csv`` (every copy distance
-and passkey trial) and ``long_range_study.png``.
+1. Times a ``--prefill-tokens`` prefill (16k) of every attention configuration through the cache
+   generate() would use (backend 'auto', as users run it), the unpatched model included: one
+   fresh process per configuration loads the model, makes one untimed warm-up call of the same
+   shape (it may compile flex kernels; its seconds are reported as ``prefill_warmup_s``), then
+   ``--prefill-rounds`` timed calls: the CSV has their median and min-max.  Every configuration
+   gets the same warm-up.  The rounds of one configuration run back to back in its process, not
+   interleaved with the other configurations': interleaving would need every configuration's
+   process alive at once (a model each: ~1 GB for Gemma) or a fresh warm-up per round (twice
+   the time); the min-max spread shows how much the machine moved.  Speed-ups are medians
+   against the unpatched model's median.
+2. Splits ``pydoc_data.topics`` by topic into training text and held-out text.
+3. Trains the LoRA adapters the rows ask for (``@ce``, ``@distill``) in this run, at this commit,
+   on the windowed model (``--train-config``) with ``recipes/finetune_lora.py`` through
+   ``accelerate launch``, on the same steps, data and seed: plain cross-entropy, and
+   self-distillation (``--distill``: teacher = the same weights, adapter off, window off).
+   Gemma's default rows have no adapter (two adapters and their rows add ~2 h); ask for them with
+   ``--rows ...,native+sinks@ce --train-config native+sinks`` (the recipe's ``--window`` keeps
+   Gemma's global layers full, so its training configuration must say ``native``).
+4. For every row (``--rows``: a configuration of ``swa_patch.retrieval.config_options``, e.g.
+   ``sinks:16+decode-full``; ``window`` windows every layer, ``native`` keeps the model's own
+   global layers full), plus the keep-first-k sweep (``--sink-sweep``: ``sinks:k+decode-full``
+   and ``sinks:k+full-layers:4`` for each k; a row equal to an earlier one is measured once),
+   on the held-out text:
+
+   * copy-probe recall at D = W/2 ... 24W (``--trials`` trials per distance, paired
+     percentile-bootstrap 95 % intervals), effective reach (the largest D before the first with
+     recall < 0.5) beside the receptive field.  decode="full" rows: the repeat is the answer
+     (the copy probe has no question, so it has the prompt-end boundary only);
+   * passkey accuracy per haystack length over ``--depths`` (10 by default, ``--passkey-tries``
+     each), bootstrap 95 % intervals; decode="full" rows twice: the boundary at the question,
+     and at the prompt end (``passkey_N_prompt_end``);
+   * windowed held-out perplexity.
+
+Writes ``benchmarks/results/long_range_study.csv`` (Gemma: ``long_range_study_gemma3.csv``; one
+row per configuration, with the command, commit, machine, versions and settings),
+``..._probes.csv`` (every copy distance and passkey trial) and ``....png``.
 """
 from __future__ import annotations
 
@@ -27,6 +53,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -41,45 +68,125 @@ import torch  # noqa: E402
 from common import RESULTS, provenance  # noqa: E402
 
 PROMPT_END = " [prompt end]"      # passkey of decode-full rows with the boundary at the prompt end
-DEFAULT_ROWS = ("dense,window,sinks,sinks+full-layers:4,sinks+decode-full,sinks@ce,sinks@distill,"
+DEPTHS = "0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95"
+SMOLLM2_ROWS = ("dense,window,sinks,sinks+full-layers:4,sinks+decode-full,sinks@ce,sinks@distill,"
                 "sinks+decode-full+full-layers:4,sinks+decode-full+full-layers:4@distill")
+# Per model: defaults and facts.  ``rate``: seconds per 1k tokens of one forward on this project's
+# 2-core machine, 2 threads (probes; 16k prefill unpatched and windowed), and minutes per LoRA
+# step of 1k tokens, and seconds to load the model: only for the estimate printed at the start.  SmolLM2's prefill and step
+# rates are the 2026-11-28 run's; the probe rates and Gemma's are 1-thread timings of 2k-4k
+# forwards scaled to 2 threads, so the estimate is rough (+-50 %).
+MODELS = {
+    "smollm2-135m": dict(title="SmolLM2-135M-Instruct", out="long_range_study", window=256, layers=30,
+                         native_full=False, passkey="1024,2048,4096", rows=SMOLLM2_ROWS, train_config="sinks",
+                         rate=dict(probe=1.1, dense=6.5, window=2.8, step=0.37, load=10)),
+    "gemma3-270m": dict(title="Gemma-3-270M", out="long_range_study_gemma3", window=512, layers=18,
+                        native_full=True, passkey="2048,4096,8192", train_config="native+sinks",
+                        rows="dense,native,window,sinks,sinks+full-layers:4,sinks+decode-full,"
+                             "sinks+decode-full+full-layers:4",
+                        rate=dict(probe=1.2, dense=8.0, window=3.0, step=0.6, load=45)),
+}
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--sinks", type=int, default=4)
-    p.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated CONFIG[@ce|@distill]")
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
+    p.add_argument("--window", type=int, default=None, help="default: 256 (SmolLM2), 512 (Gemma)")
+    p.add_argument("--sinks", type=int, default=4, help="sinks of rows that say 'sinks' without ':N'")
+    p.add_argument("--rows", default=None, help="comma-separated CONFIG[@ce|@distill] (default: per model)")
+    p.add_argument("--sink-sweep", default=None,
+                   help="keep-first-k sweep: rows sinks:k+decode-full and sinks:k+full-layers:4 for these k "
+                        "(default 4,16,64,128; --quick 4,16; '' for none)")
     p.add_argument("--distances", default=None, help="copy distances (default W/2, W, 2W, 4W, 8W, 16W, 24W)")
     p.add_argument("--span", type=int, default=64)
-    p.add_argument("--trials", type=int, default=5)
-    p.add_argument("--passkey-lengths", default="1024,2048,4096")
+    p.add_argument("--trials", type=int, default=10, help="copy trials per distance")
+    p.add_argument("--passkey-lengths", default=None, help="default: 1024,2048,4096 (SmolLM2), 2048,4096,8192 (Gemma)")
+    p.add_argument("--depths", default=DEPTHS, help="needle depths per passkey length")
+    p.add_argument("--passkey-tries", type=int, default=1, help="tries per (length, depth), each a new key")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap redraws per interval")
     p.add_argument("--prefill-tokens", type=int, default=16384)
+    p.add_argument("--prefill-rounds", type=int, default=5, help="timed prefills per configuration, after one warm-up")
     p.add_argument("--ppl-blocks", type=int, default=8, help="held-out blocks of --seq-len for perplexity")
     p.add_argument("--steps", type=int, default=60, help="LoRA optimizer steps (both runs)")
     p.add_argument("--seq-len", type=int, default=1024, help="LoRA training sequence length")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--train-config", default="sinks", help="the configuration LoRA trains on")
+    p.add_argument("--train-config", default=None,
+                   help="the configuration LoRA trains on: window, native, sinks[:N] parts only "
+                        "(default: sinks; Gemma: native+sinks)")
     p.add_argument("--heldout-fraction", type=float, default=0.2)
-    p.add_argument("--reuse-adapters", action="store_true",
-                   help="use the adapters an earlier run left in --work (same settings) instead of training anew; "
-                        "their training minutes are read from the recipe's metrics log")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work", default="/tmp/swa_long_range_study")
-    p.add_argument("--out", default=os.path.join(RESULTS, "long_range_study"), help="path stem of the outputs")
+    p.add_argument("--work", default=None, help="scratch folder (default /tmp/swa_<out stem>)")
+    p.add_argument("--out", default=None, help="path stem of the outputs (default benchmarks/results/<per model>)")
     p.add_argument("--probe-backend", default="sdpa",
                    help="backend of the probes (results are backend-independent; sdpa compiles nothing)")
     p.add_argument("--time-config", default=None, help=argparse.SUPPRESS)   # child: time one configuration
-    p.add_argument("--quick", action="store_true", help="a dry run: tiny grid, 2 steps, short prefill")
-    args = p.parse_args()
+    p.add_argument("--quick", action="store_true",
+                   help="a dry run: 2 trials, 2 depths, sweep 4,16, 2 LoRA steps, 2k prefill x 2 rounds")
+    args = p.parse_args(argv)
+    spec = MODELS[args.model]
+    args.window = args.window or spec["window"]
+    args.rows = args.rows or spec["rows"]
+    args.passkey_lengths = args.passkey_lengths if args.passkey_lengths is not None else spec["passkey"]
+    args.train_config = args.train_config or spec["train_config"]
+    args.work = args.work or os.path.join("/tmp", "swa_" + spec["out"])
     if args.quick:
-        args.distances = args.distances or "128,512"
-        args.trials, args.steps, args.seq_len, args.ppl_blocks = 1, 2, 256, 2
-        args.passkey_lengths, args.prefill_tokens = "512", 2048
-        args.out = os.path.join(args.work, "long_range_study_quick")
+        args.distances = args.distances or f"{args.window // 2},{2 * args.window}"
+        args.trials, args.passkey_tries, args.steps, args.seq_len, args.ppl_blocks = 2, 1, 2, 256, 2
+        args.depths, args.resamples = "0.25,0.75", 200
+        args.sink_sweep = "4,16" if args.sink_sweep is None else args.sink_sweep
+        args.passkey_lengths, args.prefill_tokens, args.prefill_rounds = str(2 * args.window), 2048, 2
+        args.out = args.out or os.path.join(args.work, spec["out"] + "_quick")
+    args.out = args.out or os.path.join(RESULTS, spec["out"])
+    args.sink_sweep = "4,16,64,128" if args.sink_sweep is None else args.sink_sweep
+    for name in ("trials", "passkey_tries", "prefill_rounds", "resamples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
+
+
+def expand_rows(args) -> list[tuple[str, str, str]]:
+    """``(label, configuration, adapter)`` for ``--rows`` then the ``--sink-sweep`` rows; a row
+    whose patch options and adapter equal an earlier row's is dropped (``sinks:4+decode-full``
+    is ``sinks+decode-full`` at ``--sinks 4``)."""
+    from swa_patch.retrieval import config_options
+
+    layers = MODELS[args.model]["layers"]
+    labels = [r.strip() for r in args.rows.split(",") if r.strip()]
+    for k in (int(x) for x in args.sink_sweep.split(",") if x.strip()):
+        labels += [f"sinks:{k}+decode-full", f"sinks:{k}+full-layers:4"]
+    out, seen = [], {}
+    for label in labels:
+        config, _, adapter = label.partition("@")
+        if adapter not in ("", "ce", "distill"):
+            raise SystemExit(f"--rows: adapter must be @ce or @distill, got {label!r}")
+        key = (json.dumps(config_options(config, args.window, args.sinks, layers), sort_keys=True), adapter)
+        if key in seen:
+            print(f"row {label} is row {seen[key]}: measured once", flush=True)
+            continue
+        seen[key] = label
+        out.append((label, config, adapter))
+    return out
+
+
+def estimate_minutes(args, parsed, distances, lengths, depths) -> dict[str, float]:
+    """Minutes per phase from :data:`MODELS`' rates (linear in tokens; the unpatched model's
+    quadratic attention is folded into its 16k rate), scaled for ``--threads``."""
+    rate = MODELS[args.model]["rate"]
+    scale = (2 / args.threads) ** 0.8                  # 2 cores: a second thread gives ~1.7x
+    configs = list(dict.fromkeys(["dense", *(c for _, c, _ in parsed)]))
+    per_call = args.prefill_tokens / 1000 * rate["window"]
+    prefill = sum((args.prefill_rounds + 1) * (args.prefill_tokens / 1000 * rate["dense"] if c == "dense" else per_call)
+                  + rate["load"] for c in configs)
+    copy = len(parsed) * args.trials * 2 * sum(d + 32 + 2 * args.span for d in distances) / 1000 * rate["probe"]
+    full = sum("decode-full" in c for _, c, _ in parsed)
+    keys = (len(parsed) + full) * len(depths) * args.passkey_tries * sum(n / 1000 * rate["probe"] + 1 for n in lengths)
+    adapters = {a for _, _, a in parsed if a}
+    other = len(parsed) * args.ppl_blocks * args.seq_len / 1000 * rate["probe"] + (1 + len(adapters)) * rate["load"]
+    train = len(adapters) * (args.steps * args.seq_len / 1024 * rate["step"] * 60 + rate["load"])
+    return {k: v * scale / 60 for k, v in (("prefill", prefill), ("train", train), ("copy", copy),
+                                            ("passkey", keys), ("ppl and loads", other))}
 
 
 def split_text(work: str, heldout_fraction: float) -> tuple[str, str]:
@@ -95,43 +202,51 @@ def split_text(work: str, heldout_fraction: float) -> tuple[str, str]:
     return paths
 
 
-def train_adapter(args, kind: str, train: str, held: str) -> tuple[str, float]:
-    """One LoRA run of the recipe; both runs share everything but ``--distill``."""
-    from swa_patch.models import smollm2_files
+def train_options(args) -> dict:
+    """The recipe's ``--window``/``--sinks`` for ``--train-config``: the recipe patches with
+    ``window=W`` (the model's own global layers stay full), so only window, native and sinks
+    parts can be honoured, and a model with global layers must say ``native``."""
     from swa_patch.retrieval import config_options
 
-    folder, gguf = smollm2_files()
-    options = config_options(args.train_config, args.window, args.sinks, 30)
+    parts = set(args.train_config.split("+"))
+    if any(p not in ("window", "native", "sinks") and not p.startswith("sinks:") for p in parts):
+        raise SystemExit(f"--train-config {args.train_config!r}: the recipe trains window, native and sinks[:N] "
+                         "configurations only")
+    if MODELS[args.model]["native_full"] and "native" not in parts:
+        raise SystemExit(f"--train-config {args.train_config!r}: the recipe keeps {args.model}'s global layers "
+                         "full, so the training configuration must include 'native' (e.g. native+sinks)")
+    return config_options(args.train_config, args.window, args.sinks, MODELS[args.model]["layers"])
+
+
+def train_adapter(args, kind: str, train: str, held: str) -> tuple[str, float]:
+    """One LoRA run of the recipe; both runs share everything but ``--distill``."""
+    from swa_patch.models import ALIASES
+
+    folder, gguf = ALIASES[args.model]()
+    options = train_options(args)
     out = os.path.join(args.work, f"lora_{kind}")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(ROOT, "recipes", "accelerate", "cpu_1proc.yaml"), os.path.join(ROOT, "recipes", "finetune_lora.py"),
            "--model", str(folder), "--gguf-file", gguf, "--dataset", train, "--eval-dataset", held,
-           "--window", str(options["window"]), "--sinks", str(options["sinks"]), "--seq-len", str(args.seq_len),
+           "--window", str(args.window), "--sinks", str(options["sinks"]), "--seq-len", str(args.seq_len),
            "--max-steps", str(args.steps), "--lr", str(args.lr), "--warmup-steps", str(max(1, args.steps // 10)),
            "--eval-batches", str(args.ppl_blocks), "--eval-every", "0", "--save-every", "0",
            "--train-embeddings-norms", "--no-gradient-checkpointing", "--seed", "0", "--output", out]
     if kind == "distill":
         cmd += ["--distill", "--distill-alpha", str(args.distill_alpha), "--temperature", str(args.temperature)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
-    print(f"training LoRA ({kind}): {args.steps} steps of {args.seq_len} tokens", flush=True)
+    print(f"training LoRA ({kind}) on {args.train_config}: {args.steps} steps of {args.seq_len} tokens", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
     return out, (time.perf_counter() - start) / 60
 
 
-def logged_minutes(adapter_dir: str) -> float:
-    """Minutes between the first and last record of the recipe's metrics log."""
-    with open(os.path.join(adapter_dir, "logs", "metrics.jsonl")) as f:
-        times = [json.loads(line)["time"] for line in f if '"time"' in line]
-    return (max(times) - min(times)) / 60
-
-
-def load_variant(adapter_dir: str | None):
-    """SmolLM2 as loaded, or with a LoRA adapter merged in; unpatched either way."""
+def load_variant(name: str, adapter_dir: str | None):
+    """The model as loaded, or with a LoRA adapter merged in; unpatched either way."""
     import swa_patch
     from swa_patch.models import load_model
 
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(name)
     if adapter_dir is None:
         return model, tokenizer
     merged = swa_patch.from_pretrained(adapter_dir).merge_and_unload().eval()
@@ -146,10 +261,10 @@ def heldout_ppl(model, blocks: torch.Tensor) -> float:
 
 
 def time_prefill(args) -> None:
-    """Child process: one ``--prefill-tokens`` prefill of ``--time-config`` (backend 'auto', as
-    users run it) through the cache generate() would use, after a warm-up call of the same
-    shape for patched models (it may compile flex kernels: compile time is excluded); prints
-    ``{"seconds", "kv_bytes"}``.  A fresh process per configuration: its own compile budget."""
+    """Child process: ``--time-config``'s warm-up prefill, then ``--prefill-rounds`` timed ones,
+    each into a fresh cache of the kind generate() would use; prints
+    ``{"warmup_s", "seconds": [...], "kv_bytes"}``.  A fresh process per configuration: its own
+    compile budget, nothing left over from another configuration."""
     from transformers import DynamicCache
 
     from swa_patch import make_cache, patch_model
@@ -157,31 +272,44 @@ def time_prefill(args) -> None:
     from swa_patch.retrieval import config_options
     from swa_patch.streaming import cache_bytes
 
-    model, _ = load_model()
+    model, _ = load_model(args.model)
     options = config_options(args.time_config, args.window, args.sinks, model.config.num_hidden_layers)
     if options is not None:
         patch_model(model, **options)
     ids = torch.randint(3, 40_000, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
-    fresh = lambda: make_cache(model) if options is not None else DynamicCache(config=model.config)
-    with torch.no_grad():
-        if options is not None:
-            model(ids, cache=fresh(), logits_to_keep=1)
+    fresh = lambda: make_cache(model) if options is not None else DynamicCache(config=model.config)  # noqa: E731
+
+    def call():
         cache = fresh()
         start = time.perf_counter()
-        model(ids, cache=cache, logits_to_keep=1)
-        seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "kv_bytes": cache_bytes(cache)}))
+        with torch.no_grad():
+            model(ids, cache=cache, logits_to_keep=1)
+        return time.perf_counter() - start, cache
+
+    warmup, _ = call()
+    seconds = []
+    for _ in range(args.prefill_rounds):
+        s, cache = call()
+        seconds.append(s)
+    print(json.dumps({"warmup_s": warmup, "seconds": seconds, "kv_bytes": cache_bytes(cache)}))
 
 
-def prefill(args, config: str) -> tuple[float, int]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--time-config", config, "--window", str(args.window),
-           "--sinks", str(args.sinks), "--prefill-tokens", str(args.prefill_tokens), "--threads", str(args.threads)]
+def prefill(args, config: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--time-config", config, "--model", args.model,
+           "--window", str(args.window), "--sinks", str(args.sinks), "--prefill-tokens", str(args.prefill_tokens),
+           "--prefill-rounds", str(args.prefill_rounds), "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"timing {config} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"prefill {args.prefill_tokens} tokens, {config}: {result['seconds']:.2f} s", flush=True)
-    return result["seconds"], result["kv_bytes"]
+    s = result["seconds"]
+    print(f"prefill {args.prefill_tokens} tokens, {config}: median {statistics.median(s):.2f} s "
+          f"({min(s):.2f}-{max(s):.2f}, {len(s)} rounds) after a {result['warmup_s']:.2f} s warm-up", flush=True)
+    return result
+
+
+def interval_columns(name: str, value: str, lo: float, hi: float, digits: int = 3) -> dict:
+    return {name: value, f"{name}_lo": f"{lo:.{digits}f}", f"{name}_hi": f"{hi:.{digits}f}"}
 
 
 def main():
@@ -189,86 +317,101 @@ def main():
     torch.set_num_threads(args.threads)
     if args.time_config:
         return time_prefill(args)
-    from swa_patch import patch_model, unpatch_model
-    from swa_patch.retrieval import (config_options, copy_probe, effective_reach, passkey, plot, recall_table,
-                                     theoretical_reach, write_csv)
+    from tqdm.auto import tqdm
 
-    rows = [r.strip() for r in args.rows.split(",")]
-    parsed = [(r, *r.partition("@")[::2]) for r in rows]
-    for _, config, adapter in parsed:
-        config_options(config, args.window, args.sinks, 30)
-        if adapter not in ("", "ce", "distill"):
-            raise SystemExit(f"--rows: adapter must be @ce or @distill, got @{adapter}")
+    from swa_patch import patch_model, unpatch_model
+    from swa_patch.retrieval import (bootstrap_interval, config_options, copy_probe, effective_reach, passkey, plot,
+                                     recall_table, theoretical_reach, write_csv)
+
+    spec = MODELS[args.model]
+    parsed = expand_rows(args)
+    w = args.window
     distances = ([int(x) for x in args.distances.split(",")] if args.distances else
-                 [args.window // 2, args.window, 2 * args.window, 4 * args.window, 8 * args.window,
-                  16 * args.window, 24 * args.window])
+                 [w // 2, w, 2 * w, 4 * w, 8 * w, 16 * w, 24 * w])
     lengths = [int(x) for x in args.passkey_lengths.split(",") if x]
+    depths = [float(x) for x in args.depths.split(",") if x]
+    if "@" in args.rows:
+        train_options(args)                            # refuse a bad --train-config before hours of work
+    est = estimate_minutes(args, parsed, distances, lengths, depths)
+    print(f"{spec['title']}, window {w}: {len(parsed)} rows ({', '.join(r for r, _, _ in parsed)}); "
+          f"estimate ~{sum(est.values()):.0f} min on {args.threads} thread(s) "
+          f"({', '.join(f'{k} {v:.0f}' for k, v in est.items())})", flush=True)
+    started = time.perf_counter()
+
     timing = {config: prefill(args, config)         # first, while nothing else runs
               for config in dict.fromkeys(["dense", *(c for _, c, _ in parsed)])}
     train, held = split_text(args.work, args.heldout_fraction)
     adapters, minutes = {}, {}
     for kind in sorted({a for _, _, a in parsed if a}):
-        earlier = os.path.join(args.work, f"lora_{kind}")
-        if args.reuse_adapters and os.path.exists(os.path.join(earlier, "adapter_config.json")):
-            adapters[kind], minutes[kind] = earlier, logged_minutes(earlier)
-            print(f"reusing the LoRA adapter in {earlier} (trained in {minutes[kind]:.1f} min)", flush=True)
-        else:
-            adapters[kind], minutes[kind] = train_adapter(args, kind, train, held)
+        adapters[kind], minutes[kind] = train_adapter(args, kind, train, held)
 
     copies, keys, results = [], [], []
     for adapter in dict.fromkeys(a for _, _, a in parsed):
-        model, tokenizer = load_variant(adapters.get(adapter))
+        model, tokenizer = load_variant(args.model, adapters.get(adapter))
+        if model.config.num_hidden_layers != spec["layers"]:
+            raise RuntimeError(f"{args.model} has {model.config.num_hidden_layers} layers, MODELS says {spec['layers']}")
         ids = tokenizer(open(held).read(), return_tensors="pt").input_ids[0]
         n_blocks = ids.numel() // args.seq_len
         blocks = ids[: n_blocks * args.seq_len].view(n_blocks, args.seq_len)[: args.ppl_blocks]
-        for label, config, a in parsed:
-            if a != adapter:
-                continue
-            print(f"== {label}", flush=True)
-            options = config_options(config, args.window, args.sinks, model.config.num_hidden_layers)
+        mine = [(label, config) for label, config, a in parsed if a == adapter]
+        for label, config in tqdm(mine, desc=f"rows{' @' + adapter if adapter else ''}"):
+            tqdm.write(f"== {label}")
+            options = config_options(config, w, args.sinks, model.config.num_hidden_layers)
             if options is not None:
                 patch_model(model, backend=args.probe_backend, **options)
             try:
                 start = time.perf_counter()
                 copies += copy_probe(model, ids, distances, args.span, 32, args.trials, 0, label)
                 if lengths:
-                    keys += passkey(model, tokenizer, ids, lengths, config=label)
+                    keys += passkey(model, tokenizer, ids, lengths, depths, args.passkey_tries, config=label)
                     if options and options.get("decode") == "full":        # only the answer attends fully
-                        keys += passkey(model, tokenizer, ids, lengths, config=label + PROMPT_END, boundary="prompt-end")
+                        keys += passkey(model, tokenizer, ids, lengths, depths, args.passkey_tries,
+                                        config=label + PROMPT_END, boundary="prompt-end")
                 ppl = heldout_ppl(model, blocks)
-                results.append({"row": label, "config": config, "adapter": adapter or "", "ppl": ppl,
-                                "reach_theory": theoretical_reach(model), "probe_minutes": (time.perf_counter() - start) / 60})
+                results.append({"row": label, "config": config, "adapter": adapter, "ppl": ppl,
+                                "sinks": options["sinks"] if options else 0, "reach_theory": theoretical_reach(model),
+                                "probe_minutes": (time.perf_counter() - start) / 60})
             finally:
                 unpatch_model(model)
         del model
 
-    recalls = recall_table(copies)
+    recalls = recall_table(copies, resamples=args.resamples)
     by = {(r.config, r.distance): r for r in recalls}
-    dense_prefill = timing.get("dense", (float("nan"), 0))[0]
-    w = args.window
+    dense = timing["dense"]
     summary = []
     for res in results:
         label = res["row"]
-        row = {"row": label, "config": res["config"], "adapter": res["adapter"], "window": w}
+        row = {"row": label, "config": res["config"], "adapter": res["adapter"], "model": args.model, "window": w,
+               "sinks": res["sinks"]}
         for name, d in (("W/2", w // 2), ("2W", 2 * w), ("8W", 8 * w)):
-            row[f"recall_{name}"] = f"{by[(label, d)].recall:.3f}" if (label, d) in by else ""
+            r = by.get((label, d))
+            row.update(interval_columns(f"recall_{name}", f"{r.recall:.3f}", r.recall_lo, r.recall_hi) if r else
+                       {f"recall_{name}": "", f"recall_{name}_lo": "", f"recall_{name}_hi": ""})
         row["effective_reach"] = effective_reach(recalls, label) or 0
         row["receptive_field"] = res["reach_theory"] or "all"
         for n in lengths:
             for suffix, name in (("", label), ("_prompt_end", label + PROMPT_END)):
                 hits = [k.correct for k in keys if k.config == name and k.length == n]
-                row[f"passkey_{n}{suffix}"] = f"{sum(hits)}/{len(hits)}" if hits else ""
+                column = f"passkey_{n}{suffix}"
+                row.update(interval_columns(column, f"{sum(hits)}/{len(hits)}",
+                                            *bootstrap_interval(hits, resamples=args.resamples), digits=2) if hits else
+                           {column: "", f"{column}_lo": "", f"{column}_hi": ""})
         row["heldout_ppl"] = f"{res['ppl']:.3f}"
-        seconds, kv = timing.get(res["config"], (float("nan"), 0))
-        row[f"prefill_s_{args.prefill_tokens}"] = f"{seconds:.2f}"
-        row["prefill_speedup_vs_dense"] = f"{dense_prefill / seconds:.2f}"
-        row[f"kv_mib_{args.prefill_tokens}"] = f"{kv / 2**20:.1f}"
+        t = timing[res["config"]]
+        median = statistics.median(t["seconds"])
+        row[f"prefill_s_{args.prefill_tokens}"] = f"{median:.2f}"
+        row["prefill_s_min"], row["prefill_s_max"] = f"{min(t['seconds']):.2f}", f"{max(t['seconds']):.2f}"
+        row["prefill_warmup_s"] = f"{t['warmup_s']:.2f}"
+        row["prefill_speedup_vs_dense"] = f"{statistics.median(dense['seconds']) / median:.2f}"
+        row[f"kv_mib_{args.prefill_tokens}"] = f"{t['kv_bytes'] / 2**20:.1f}"
         row["train_minutes"] = f"{minutes[res['adapter']]:.1f}" if res["adapter"] else ""
+        row["probe_minutes"] = f"{res['probe_minutes']:.1f}"
         summary.append(row)
     meta = provenance()
-    meta["settings"] = json.dumps({k: getattr(args, k) for k in ("window", "sinks", "trials", "span", "steps",
-                                                                  "seq_len", "lr", "distill_alpha", "temperature",
-                                                                  "train_config", "ppl_blocks", "reuse_adapters")})
+    meta["settings"] = json.dumps({k: getattr(args, k) for k in (
+        "model", "window", "sinks", "trials", "depths", "passkey_tries", "span", "resamples", "prefill_tokens",
+        "prefill_rounds", "sink_sweep", "steps", "seq_len", "lr", "distill_alpha", "temperature", "train_config",
+        "ppl_blocks", "quick")})
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*summary[0], *meta])
@@ -276,10 +419,11 @@ def main():
         for row in summary:
             writer.writerow({**row, **meta})
     write_csv(args.out + "_probes.csv", recalls, keys, {r["row"]: r["reach_theory"] for r in results})
-    plot(recalls, keys, args.out + ".png", w, f"SmolLM2-135M, window {w}: copy recall and passkey per configuration")
+    plot(recalls, keys, args.out + ".png", w, f"{spec['title']}, window {w}: copy recall and passkey per configuration")
     for row in summary:
         print(", ".join(f"{k}={v}" for k, v in row.items()))
-    print(f"wrote {args.out}.csv, {args.out}_probes.csv, {args.out}.png")
+    print(f"wrote {args.out}.csv, {args.out}_probes.csv, {args.out}.png "
+          f"({(time.perf_counter() - started) / 60:.1f} min; estimated {sum(est.values()):.0f})")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ MEASURES = {
                                             "benchmarks/attention_sinks_side.py"),
     "smollm2_window_finetune.csv": ATTENTION + ("recipes", "benchmarks/smollm2_window_finetune.py"),
     "long_range_study.csv": CACHE + ("swa_patch/retrieval.py", "recipes", "benchmarks/long_range_study.py"),
+    "long_range_study_gemma3.csv": CACHE + ("swa_patch/retrieval.py", "swa_patch/models.py", "recipes",
+                                            "benchmarks/long_range_study.py"),
     "gpu_check_h200.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/gpu_check.py"),
     "vllm_roundtrip.csv": ATTENTION + ("swa_patch/export.py", "swa_patch/families.py", "swa_patch/checkpoint.py",
                                        "swa_patch/verify.py", "swa_patch/_vllm_driver.py", "benchmarks/vllm_roundtrip.py"),
@@ -267,27 +269,104 @@ def gpu():
     return with_source(name, text)
 
 
-def long_range():
-    """The SWAA-style table: one row per configuration of benchmarks/long_range_study.py."""
-    name = "long_range_study.csv"
+MODEL_TITLES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M"}
+
+
+def _tokens(n):
+    """1024 -> '1k', 16384 -> '16k', 512 -> '512'."""
+    return f"{int(n) // 1024}k" if int(n) % 1024 == 0 else str(n)
+
+
+def _passkey_lengths(row):
+    return [m.group(1) for c in row if (m := re.fullmatch(r"passkey_(\d+)", c))]
+
+
+def _with_interval(r, col, digits):
+    """``value [lo, hi]`` where the CSV has the interval (recall to 2 decimals, passkey as hits/n)."""
+    value, lo, hi = r.get(col, ""), r.get(f"{col}_lo"), r.get(f"{col}_hi")
+    if not value:
+        return "–"
+    if "/" not in value and lo:
+        value = f"{float(value):.{digits}f}"
+    return f"{value} [{float(lo):.{digits}f}, {float(hi):.{digits}f}]" if lo else value
+
+
+def long_range(name="long_range_study.csv"):
+    """The SWAA-style table: one row per configuration of benchmarks/long_range_study.py, with
+    bootstrap intervals where the CSV has them (CSVs before them show the bare figures), then
+    the target's verdict (:func:`long_range_target`)."""
     data = rows(name)
     if not data:
         return source(name)
-    lengths = [c.split("_")[1] for c in data[0] if c.startswith("passkey_") and not c.endswith("prompt_end")]
-    tokens = next(c for c in data[0] if c.startswith("prefill_s_")).rsplit("_", 1)[1]
+    lengths = _passkey_lengths(data[0])
+    tokens = next(c for c in data[0] if re.fullmatch(r"prefill_s_\d+", c)).rsplit("_", 1)[1]
     kv = next(c for c in data[0] if c.startswith("kv_mib_"))
+    k = _tokens(tokens)
     header = (["configuration", "recall W/2", "recall 2W", "recall 8W", "reach (field)"]
-              + [f"passkey {int(n) // 1024}k" for n in lengths]
-              + ["held-out ppl", f"prefill {int(tokens) // 1024}k vs dense", f"KV MiB at {int(tokens) // 1024}k"])
+              + [f"passkey {_tokens(n)}" for n in lengths]
+              + ["held-out ppl", f"prefill {k} s (min–max)", "vs unpatched", "warm-up s", f"KV MiB at {k}"])
     body = []
     for r in data:
         label = r["config"] + (f" + LoRA ({r['adapter']})" if r["adapter"] else "")
-        keys = [r[f"passkey_{n}"] + (f" ({r[f'passkey_{n}_prompt_end']})" if r.get(f"passkey_{n}_prompt_end") else "")
-                for n in lengths]
-        body.append([label, r["recall_W/2"], r["recall_2W"], r["recall_8W"],
+        keys = [_with_interval(r, f"passkey_{n}", 2) + (f" (end {_with_interval(r, f'passkey_{n}_prompt_end', 2)})"
+                                                       if r.get(f"passkey_{n}_prompt_end") else "") for n in lengths]
+        spread = f" ({f(r['prefill_s_min'])}–{f(r['prefill_s_max'])})" if r.get("prefill_s_min") else ""
+        body.append([label, *(_with_interval(r, f"recall_{d}", 2) for d in ("W/2", "2W", "8W")),
                      f"{r['effective_reach']} ({r['receptive_field']})", *keys, r["heldout_ppl"],
-                     f"{float(r['prefill_speedup_vs_dense']):.2f}x", r[kv]])
-    return with_source(name, f"SmolLM2-135M-Instruct, window {data[0]['window']}:\n\n" + table(header, body))
+                     f"{f(r[f'prefill_s_{tokens}'])}{spread}", f"{float(r['prefill_speedup_vs_dense']):.2f}x",
+                     f(r["prefill_warmup_s"]) if r.get("prefill_warmup_s") else "–", r[kv]])
+    title = MODEL_TITLES[data[0].get("model") or "smollm2-135m"]
+    notes = ""
+    if '"reuse_adapters": true' in data[0].get("settings", ""):
+        notes = ("\n\n**Adapters not trained in this run**: it reused an earlier run's (`--reuse-adapters`, an option "
+                 "since removed), so its LoRA rows may not match this commit.")
+    met, text = long_range_target(name)
+    within = ("within the unpatched model's 95 % interval" if any(c.endswith("_lo") for c in data[0])
+              else "within one hit of the unpatched model's, as this CSV has no intervals")
+    verdict = (f"\n\nTarget (prefill ≥ 1.5x the unpatched model, recall ≥ 0.9 at 8W, passkey at every length "
+               f"{within}): {'**met**' if met else '**not met**'}: {text}.")
+    return with_source(name, f"{title}, window {data[0]['window']}:\n\n" + table(header, body) + notes + verdict)
+
+
+def long_range_target(name="long_range_study.csv"):
+    """(rows meeting the issue's long-range target, a sentence): prefill ≥ 1.5x the unpatched
+    model, copy recall ≥ 0.9 at 8W, and passkey at every length no lower than the unpatched
+    row's 95 % interval (a CSV without intervals: within one hit of it).  Without a row that
+    meets it, the sentence names the closest row and what it misses by: fewest criteria
+    missed, then the smallest sum of relative shortfalls (prefill and recall as a share of
+    their thresholds, passkey in accuracy)."""
+    data = rows(name)
+    dense = pick(data, row="dense")
+    shortfalls = {r["row"]: _long_range_shortfalls(r, dense) for r in data if r["row"] != "dense"}
+    met = [row for row, short in shortfalls.items() if not short]
+    if met:
+        return met, f"met by {', '.join(met)}"
+    row = min(shortfalls, key=lambda x: (len(shortfalls[x]), sum(w for _, w in shortfalls[x])))
+    return met, f"closest: {row}, " + "; ".join(text for text, _ in shortfalls[row])
+
+
+def _long_range_shortfalls(r, dense):
+    """[(what is missed, by how much as a share)] for one row of a long-range CSV."""
+    out = []
+    speed = float(r["prefill_speedup_vs_dense"])
+    if speed < 1.5:
+        out.append((f"prefill {speed:.2f}x ({1.5 - speed:.2f}x short of 1.5x)", (1.5 - speed) / 1.5))
+    recall = float(r["recall_8W"]) if r.get("recall_8W") else float("nan")
+    if not recall >= 0.9:
+        out.append((f"recall at 8W {r.get('recall_8W') or 'not measured'}"
+                    + (f" ({0.9 - recall:.3f} short of 0.9)" if recall == recall else ""),
+                    (0.9 - recall) / 0.9 if recall == recall else 1.0))
+    for n in _passkey_lengths(r):
+        hits, tries = map(int, r[f"passkey_{n}"].split("/"))
+        d_hits, d_tries = map(int, dense[f"passkey_{n}"].split("/"))
+        floor = float(dense[f"passkey_{n}_lo"]) if dense.get(f"passkey_{n}_lo") else (d_hits - 1) / d_tries
+        if hits / tries < floor - 1e-9:
+            bound = (f"the unpatched model's interval [{float(dense[f'passkey_{n}_lo']):.2f}, "
+                     f"{float(dense[f'passkey_{n}_hi']):.2f}]" if dense.get(f"passkey_{n}_lo")
+                     else f"{dense[f'passkey_{n}']} unpatched, less one hit")
+            out.append((f"passkey {_tokens(n)} {hits}/{tries} below {bound} by {floor - hits / tries:.2f}",
+                        floor - hits / tries))
+    return out
 
 
 def serving():
@@ -458,19 +537,11 @@ def _study(config, adapter=""):
     return pick(rows("long_range_study.csv"), config=config, adapter=adapter)
 
 
-def _passkeys(r):
-    return {k: int(v.split("/")[0]) for k, v in r.items() if k.startswith("passkey_") and not k.endswith("prompt_end")}
-
-
 def t_long_range():
-    a, b, dense = _study("sinks+decode-full"), _study("sinks+decode-full+full-layers:4"), _study("dense")
-    met = [r["row"] for r in rows("long_range_study.csv") if r["config"] != "dense"
-           and float(r["prefill_speedup_vs_dense"]) >= 1.5 and float(r["recall_8W"]) >= 0.9
-           and all(_passkeys(dense)[k] - hits <= 1 for k, hits in _passkeys(r).items())]
-    return bool(met), ((f"met by {', '.join(met)}; " if met else "")
-                       + f"sinks + `decode=\"full\"` {f(a['prefill_speedup_vs_dense'])}x, recall {a['recall_8W']}; "
-                       f"+ 4 full layers {f(b['prefill_speedup_vs_dense'])}x, recall {b['recall_8W']}, passkey "
-                       f"at 4k {b['passkey_4096']} vs dense {dense['passkey_4096']}")
+    met, text = long_range_target("long_range_study.csv")
+    if not any(c.endswith("_lo") for c in rows("long_range_study.csv")[0]):
+        text += " (a CSV without intervals: passkey judged within one hit of dense)"
+    return bool(met), text
 
 
 def t_distill():
@@ -558,6 +629,8 @@ def t_gemma3_prefill():
             f"{f(dec['speedup_vs_unpatched'])}x; its own pattern {f(own['speedup_vs_unpatched'])}x")
 
 
+LONG_RANGE_TARGET = ("long range (SmolLM2, W=256): prefill ≥ 1.5x dense at 16k, copy recall ≥ 0.9 at 8W, passkey "
+                     "within dense's 95 % interval")
 TARGETS = [   # (the target as the issues state it, its check and figures, the CSV they come from)
     ("attention forward, n=16k, W=512: ≥ 12x dense causal SDPA", t_attention_fwd, "prefill_scaling.csv"),
     ("attention forward+backward, n=16k: ≥ 5x", t_attention_bwd, "prefill_scaling.csv"),
@@ -582,8 +655,7 @@ TARGETS = [   # (the target as the issues state it, its check and figures, the C
      "compiled_decode.csv"),
     ("decode step at stream position 32k ≤ 1.05x the unpatched model's at a 1k cache", t_position,
      "compiled_decode.csv"),
-    ("long range (W=256): prefill ≥ 1.5x dense at 16k with ≥ 90 % of dense copy recall at 8W and passkey "
-     "within one hit", t_long_range, "long_range_study.csv"),
+    (LONG_RANGE_TARGET, t_long_range, "long_range_study.csv"),
     ("self-distillation beats CE fine-tuning (same steps and data)", t_distill, "long_range_study.csv"),
     ("Gemma-3-270M, every layer W=512 + 4 sinks: ppl over 16k within 10 % of the model as loaded, streamed "
      "to 40,960 tokens (1.25x its 32k context) with a flat KV cache", t_gemma3_stream, "stream_gemma3_40k.csv"),
@@ -594,8 +666,7 @@ HEADLINE = [   # the README's five rows
     "attention forward+backward, n=16k: ≥ 5x",
     "SmolLM2 streamed to 40,960 tokens (5x its 8k context), 4 + 1020 cache (no threshold)",
     "decode time at 32k within 1.1x of 2k",
-    "long range (W=256): prefill ≥ 1.5x dense at 16k with ≥ 90 % of dense copy recall at 8W and passkey "
-    "within one hit",
+    LONG_RANGE_TARGET,
 ]
 
 
@@ -692,8 +763,8 @@ SECTIONS = {
     "gpu": gpu, "train": train,
     "finetune": csv_table("smollm2_window_finetune.csv", ["source", "condition", "heldout_perplexity", "window",
                                                           "sinks", "seq_len", "steps"]),
-    "long_range": long_range, "serving": serving, "gemma3": gemma3,
-    "gemma3_headline": lambda: targets(GEMMA3_HEADLINE),
+    "long_range": long_range, "long_range_gemma3": lambda: long_range("long_range_study_gemma3.csv"),
+    "serving": serving, "gemma3": gemma3, "gemma3_headline": lambda: targets(GEMMA3_HEADLINE),
 }
 BLOCK = re.compile(r"(<!-- report:(\w+) -->\n)(.*?)(<!-- /report:\2 -->)", re.S)
 

@@ -7,7 +7,8 @@ Runs each benchmark below in turn from this checkout (run it from a clean one, e
 took, then ``benchmarks/report.py``'s tables.  Every CSV carries its command, commit, date,
 machine and versions.  The figures are side-by-side ratios on a shared machine: re-running
 reproduces them within the noise the README states, not to the digit.  Expect ~1 hour on 2
-cores, plus ~2.5 h for the long-range study.  attention_sinks_compare needs a virtualenv with
+cores, plus ~4 h for the long-range study on SmolLM2 and ~5 h on Gemma-3-270M (the study prints its
+own estimate when it starts).  attention_sinks_compare needs a virtualenv with
 attention-sinks 0.4 (``--venv``; skipped without one); the GPU figures come from gpu_check.py.
 """
 from __future__ import annotations
@@ -50,7 +51,8 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026
                              "2048", "--threads", "2", "--no-progress", "--csv", f"{R}/stream_gemma3_16k_w1020.csv",
                              "--plot", ""], 6),
     "gemma3_prefill": (["benchmarks/gemma3_prefill.py"], 25),
-    "long_range": (["benchmarks/long_range_study.py"], 150),
+    "long_range": (["benchmarks/long_range_study.py"], 240),         # the study's estimate, not yet a run
+    "long_range_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m"], 300),
     "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 40),   # 5 paired rounds
 }
 

@@ -5,8 +5,13 @@
   accuracy) on the repeat, against a *control* with another span in place of the first copy
   (same length, same filler, same scored tokens).  The NLL drop ``control - probe`` is what
   the first copy is worth; ``recall(D)`` is the share of the dense model's drop that a
-  patched model keeps, and the *effective reach* is the largest ``D`` with recall >= 0.5.
-  For decode="full" models the repeat is the answer: the prompt ends where it begins.
+  patched model keeps, and the *effective reach* is the largest ``D`` before the first one
+  whose recall is below 0.5.  For decode="full" models the repeat is the answer: the prompt
+  ends where it begins.  The copy probe has no question, so it has one boundary only: the
+  repeat's queries attend everything, what precedes them is read through the window (the
+  passkey's "prompt-end" boundary; its "question" boundary has no counterpart here).
+  :func:`recall_table` gives each recall a paired percentile-bootstrap interval over the
+  trials (:func:`bootstrap_interval`: dense and patched runs share each trial's spans).
 * **passkey**: a number hidden at a depth of a haystack of real text; greedy generation must
   reproduce it.  Accuracy per (length, depth).  For decode="full" models the boundary sits
   where the question starts (``boundary="question"``: the haystack is read through the
@@ -15,8 +20,9 @@
 
 Only the scored logits are computed (``logits_to_keep``), so a long probe of a large-vocabulary
 model never builds a ``[n, vocab]`` tensor.  :func:`compare` runs configurations of one model
-one after the other (``dense``, ``window``, ``sinks``, ``full-layers:K``, ``decode-full``,
-joined by ``+``); the ``swa-patch eval retrieval`` command writes a CSV and a PNG.
+one after the other (``dense``, or ``+``-joined parts: ``window``, ``native``, ``sinks[:N]``,
+``full-layers:K``, ``decode-full``; see :func:`config_options`); the ``swa-patch eval retrieval``
+command writes a CSV and a PNG.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-FEATURES = ("window", "sinks[:N]", "full-layers:K", "decode-full")
+FEATURES = ("window", "native", "sinks[:N]", "full-layers:K", "decode-full")
 PASSKEY_INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
                  "I will quiz you about the pass key.\n\n")
 PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
@@ -61,16 +67,21 @@ class PasskeyTrial:
 # ---- configurations ----------------------------------------------------------------------------
 def config_options(name: str, window: int, sinks: int, n_layers: int) -> dict | None:
     """``patch_model`` options for a configuration name (None: the unpatched model).
-    ``window`` = the window alone; ``+sinks`` adds the sinks (``sinks:N``: N of them),
-    ``+full-layers:K`` makes every K-th layer full (layers K-1, 2K-1, ...), ``+decode-full``
-    sets decode="full"."""
+    ``window`` = the window alone on *every* layer (``window=[W] * n_layers``, so the layers a
+    hybrid model such as Gemma 3 declares global are windowed too); ``+native`` keeps the
+    model's own global layers full instead (``window=W``, what ``patch_model(model, window=W)``
+    does; the same as ``window`` on a model with none); ``+sinks`` adds the sinks (``sinks:N``:
+    N of them), ``+full-layers:K`` makes every K-th layer full (layers K-1, 2K-1, ...),
+    ``+decode-full`` sets decode="full"."""
     if name == "dense":
         return None
-    options = {"window": window, "sinks": 0}
+    options = {"window": [window] * n_layers, "sinks": 0}
     for part in name.split("+"):
         if part == "window":
             continue
-        if part == "sinks" or (part.startswith("sinks:") and part[6:].isdigit() and int(part[6:]) >= 1):
+        if part == "native":
+            options["window"] = window
+        elif part == "sinks" or (part.startswith("sinks:") and part[6:].isdigit() and int(part[6:]) >= 1):
             options["sinks"] = int(part[6:]) if ":" in part else sinks
             if options["sinks"] < 1:
                 raise ValueError(f"configuration {name!r} needs sinks >= 1, got {sinks}")
@@ -81,7 +92,7 @@ def config_options(name: str, window: int, sinks: int, n_layers: int) -> dict | 
             options["decode"] = "full"
         else:
             raise ValueError(f"configuration {name!r}: unknown part {part!r}; a configuration is 'dense' or "
-                             f"'+'-joined parts from {FEATURES} (K >= 1), e.g. 'sinks+decode-full'")
+                             f"'+'-joined parts from {FEATURES} (K >= 1), e.g. 'sinks:16+decode-full'")
     return options
 
 
@@ -274,6 +285,40 @@ def default_distances(window: int) -> list[int]:
     return [max(1, window // 4) * 2 ** k for k in range(7)]
 
 
+def bootstrap_interval(samples, statistic=None, resamples: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap ``level`` interval of ``statistic`` (default: the mean) of
+    ``samples``: ``resamples`` redraws of ``len(samples)`` items with replacement, with a fixed
+    ``seed`` so the same data always give the same interval.  Items may be anything
+    ``statistic`` reads (pairs, for a paired ratio).  Redraws whose statistic is NaN are left
+    out.  A constant sample (all hits, or a single trial) gives a zero-width interval: the
+    percentile bootstrap cannot see variation that the sample does not show."""
+    samples = list(samples)
+    if not samples:
+        raise ValueError("bootstrap_interval needs at least one sample")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"need 0 < level < 1 and resamples >= 1, got {level}, {resamples}")
+    statistic = statistic or (lambda xs: sum(xs) / len(xs))
+    rng = random.Random(seed)
+    stats = sorted(v for v in (statistic(rng.choices(samples, k=len(samples))) for _ in range(resamples)) if v == v)
+    if not stats:
+        return float("nan"), float("nan")
+    return _quantile(stats, (1 - level) / 2), _quantile(stats, (1 + level) / 2)
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default)."""
+    at = q * (len(ordered) - 1)
+    low = math.floor(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+def _ratio_of_sums(pairs) -> float:
+    dense = sum(d for _, d in pairs)
+    return sum(c for c, _ in pairs) / dense if dense else float("nan")
+
+
 @dataclass
 class RecallRow:
     config: str
@@ -285,9 +330,14 @@ class RecallRow:
     recall: float        # drop / the dense drop at this distance (nan without a dense run)
     acc_probe: float
     acc_control: float
+    recall_lo: float = float("nan")    # paired percentile-bootstrap 95 % interval of recall
+    recall_hi: float = float("nan")
 
 
-def recall_table(copies: list[CopyTrial], reference: str = "dense") -> list[RecallRow]:
+def recall_table(copies: list[CopyTrial], reference: str = "dense", resamples: int = 2000) -> list[RecallRow]:
+    """Recall per (configuration, distance), with its bootstrap interval: the trials are
+    redrawn in pairs (a configuration's trial t beside the reference's trial t, which read the
+    same spans and filler), and each redraw's recall is the ratio of their summed drops."""
     groups: dict[tuple[str, int], list[CopyTrial]] = {}
     for row in copies:
         groups.setdefault((row.config, row.distance), []).append(row)
@@ -297,8 +347,13 @@ def recall_table(copies: list[CopyTrial], reference: str = "dense") -> list[Reca
     for (config, distance), rows in groups.items():
         dense = drops.get((reference, distance))
         recall = drops[(config, distance)] / dense if dense else float("nan")
+        ref = {r.trial: r.nll_control - r.nll_probe for r in groups.get((reference, distance), [])}
+        pairs = [(r.nll_control - r.nll_probe, ref[r.trial]) for r in rows if r.trial in ref]
+        lo, hi = (bootstrap_interval(pairs, _ratio_of_sums, resamples) if pairs and dense
+                  else (float("nan"), float("nan")))
         out.append(RecallRow(config, distance, len(rows), mean(rows, "nll_probe"), mean(rows, "nll_control"),
-                             drops[(config, distance)], recall, mean(rows, "acc_probe"), mean(rows, "acc_control")))
+                             drops[(config, distance)], recall, mean(rows, "acc_probe"), mean(rows, "acc_control"),
+                             lo, hi))
     return out
 
 
@@ -327,7 +382,7 @@ def write_csv(path, recalls: list[RecallRow], keys: list[PasskeyTrial], reach: d
     from .provenance import run_info
     info = run_info()
     fields = ["probe", "config", "distance", "trials", "nll_probe", "nll_control", "drop", "recall",
-              "acc_probe", "acc_control", "effective_reach", "receptive_field",
+              "recall_lo", "recall_hi", "acc_probe", "acc_control", "effective_reach", "receptive_field",
               "length", "depth", "trial", "key", "answer", "correct", *info]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -438,7 +493,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--sinks", type=int, default=4, help="sinks of configurations with '+sinks'")
     p.add_argument("--compare", default="dense,window,sinks,sinks+full-layers:4,sinks+decode-full",
                    help="comma-separated configurations: 'dense' or '+'-joined parts of "
-                        f"{','.join(FEATURES)}")
+                        f"{','.join(FEATURES)} ('window' windows every layer, 'native' keeps the model's own "
+                        "global layers full; e.g. sinks:16+decode-full)")
     p.add_argument("--distances", default=None, help="comma-separated D (default: W/4 .. 16W, doubling)")
     p.add_argument("--span", type=int, default=64, help="tokens of the copied span (default 64)")
     p.add_argument("--trials", type=int, default=8, help="copy trials per distance (default 8)")

@@ -10,17 +10,21 @@ import torch.nn.functional as F
 
 from models import tiny_model
 from swa_patch import patch_model, unpatch_model
-from swa_patch.retrieval import (CopyTrial, config_options, copy_layout, copy_probe, copy_sequences,
-                                 default_distances, effective_reach, parse_configs, passkey_prompt,
-                                 recall_table, score_repeat, theoretical_reach)
+from swa_patch.retrieval import (CopyTrial, bootstrap_interval, config_options, copy_layout, copy_probe,
+                                 copy_sequences, default_distances, effective_reach, parse_configs,
+                                 passkey_prompt, recall_table, score_repeat, theoretical_reach)
 
 
 def test_config_names():
     assert config_options("dense", 64, 4, 8) is None
-    assert config_options("window", 64, 4, 8) == {"window": 64, "sinks": 0}
+    assert config_options("window", 64, 4, 8) == {"window": [64] * 8, "sinks": 0}      # every layer
+    assert config_options("native", 64, 4, 8) == {"window": 64, "sinks": 0}           # the model's globals stay
     assert config_options("sinks+full-layers:4+decode-full", 64, 4, 8) == {
-        "window": 64, "sinks": 4, "full_layers": [3, 7], "decode": "full"}
-    assert config_options("sinks:64", 64, 4, 8) == {"window": 64, "sinks": 64}
+        "window": [64] * 8, "sinks": 4, "full_layers": [3, 7], "decode": "full"}
+    assert config_options("sinks:64", 64, 4, 8) == {"window": [64] * 8, "sinks": 64}
+    assert config_options("sinks:16+decode-full", 64, 4, 8) == {"window": [64] * 8, "sinks": 16, "decode": "full"}
+    assert config_options("native+sinks:128+full-layers:4", 64, 4, 8) == {
+        "window": 64, "sinks": 128, "full_layers": [3, 7]}
     for bad in ("sink", "sinks:0", "full-layers:0", "full-layers:x", "dense+sinks"):
         with pytest.raises(ValueError, match="unknown part"):
             config_options(bad, 64, 4, 8)
@@ -86,6 +90,38 @@ def test_recall_is_the_share_of_the_dense_drop():
     assert table[("window", 20)].recall == pytest.approx(0.05)
     assert effective_reach(list(table.values()), "window") == 10
     assert effective_reach(list(table.values()), "dense") == 20
+
+
+def test_bootstrap_interval():
+    assert bootstrap_interval([1, 1, 1, 1]) == (1.0, 1.0)                  # a constant: zero width
+    assert bootstrap_interval([0.7]) == (0.7, 0.7)
+    sample = [0, 1, 1, 0, 1, 1, 1, 0, 1, 1]
+    lo, hi = bootstrap_interval(sample)
+    assert lo < 0.7 < hi and 0 <= lo and hi <= 1
+    assert bootstrap_interval(sample) == (lo, hi)                          # seeded
+    lo_more, hi_more = bootstrap_interval(sample * 10)                     # same mean, 10x the data
+    assert lo < lo_more < 0.7 < hi_more < hi
+    pairs = [(1.0, 2.0), (2.0, 2.0), (3.0, 4.0)]                           # a ratio of sums over pairs
+    lo, hi = bootstrap_interval(pairs, lambda ps: sum(a for a, _ in ps) / sum(b for _, b in ps))
+    assert lo <= 6 / 8 <= hi
+    with pytest.raises(ValueError):
+        bootstrap_interval([])
+
+
+def test_recall_interval_pairs_the_trials():
+    """The patched trial t is paired with the dense trial t: a configuration that keeps exactly
+    half of every trial's drop has recall 0.5 with a zero-width interval, however unequal the
+    trials; one that keeps half on average but not trial by trial gets a wider one."""
+    drops = [0.5, 1.0, 3.0, 4.0]
+    rows = [CopyTrial("dense", 10, t, 5.0 - d, 5.0, 1.0, 0.0) for t, d in enumerate(drops)]
+    rows += [CopyTrial("half", 10, t, 5.0 - d / 2, 5.0, 1.0, 0.0) for t, d in enumerate(drops)]
+    rows += [CopyTrial("mixed", 10, t, 5.0 - d, 5.0, 1.0, 0.0) for t, d in enumerate([2.0, 2.25, 0.0, 0.0])]
+    table = {r.config: r for r in recall_table(rows)}
+    assert (table["dense"].recall_lo, table["dense"].recall_hi) == (1.0, 1.0)
+    assert table["half"].recall == pytest.approx(0.5)
+    assert table["half"].recall_lo == pytest.approx(0.5) and table["half"].recall_hi == pytest.approx(0.5)
+    mixed = table["mixed"]
+    assert mixed.recall == pytest.approx(0.5) and mixed.recall_lo < 0.5 < mixed.recall_hi
 
 
 def test_reach_ends_at_the_first_failure():

@@ -1,0 +1,63 @@
+"""benchmarks/long_range_study.py's grid: defaults per model, the keep-first-k sweep, what the
+LoRA recipe can train, and the runtime estimate (the study itself runs for hours: not here)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("long_range_study", ROOT / "benchmarks" / "long_range_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_defaults_meet_the_issue(study):
+    args = study.parse_args([])
+    assert args.trials >= 10 and len(args.depths.split(",")) >= 10 and args.passkey_tries == 1
+    assert args.window == 256 and args.out.endswith("results/long_range_study") and args.prefill_rounds >= 5
+    gemma = study.parse_args(["--model", "gemma3-270m"])
+    assert gemma.window == 512 and gemma.out.endswith("results/long_range_study_gemma3")
+    assert "native" in gemma.rows.split(",") and "@" not in gemma.rows          # no LoRA rows by default
+    quick = study.parse_args(["--quick", "--model", "gemma3-270m"])
+    assert "results" not in quick.out and quick.trials >= 2 and quick.prefill_rounds >= 2
+    assert args.sink_sweep == "4,16,64,128" and quick.sink_sweep == "4,16"
+    assert study.parse_args(["--quick", "--sink-sweep", ""]).sink_sweep == ""
+
+
+def test_sink_sweep_adds_rows_once(study):
+    args = study.parse_args(["--rows", "dense,sinks+decode-full,sinks@ce", "--sink-sweep", "4,64"])
+    assert [label for label, _, _ in study.expand_rows(args)] == [
+        "dense", "sinks+decode-full", "sinks@ce", "sinks:4+full-layers:4", "sinks:64+decode-full",
+        "sinks:64+full-layers:4"]                                   # sinks:4+decode-full is the second row
+    assert study.expand_rows(study.parse_args(["--rows", "dense,sinks", "--sink-sweep", ""]))[1] == ("sinks", "sinks", "")
+    with pytest.raises(SystemExit, match="adapter"):
+        study.expand_rows(study.parse_args(["--rows", "sinks@lora"]))
+
+
+def test_gemma_adapters_train_on_its_own_pattern(study):
+    """The recipe's --window keeps Gemma's global layers full: a training configuration that
+    says otherwise is refused, not silently trained on something else."""
+    assert study.train_options(study.parse_args(["--model", "gemma3-270m"]))["window"] == 512
+    with pytest.raises(SystemExit, match="native"):
+        study.train_options(study.parse_args(["--model", "gemma3-270m", "--train-config", "sinks"]))
+    with pytest.raises(SystemExit, match="window, native and sinks"):
+        study.train_options(study.parse_args(["--train-config", "sinks+decode-full"]))
+    assert study.train_options(study.parse_args([]))["sinks"] == 4
+
+
+def test_estimate(study):
+    def minutes(*argv):
+        args = study.parse_args(list(argv))
+        w = args.window
+        return sum(study.estimate_minutes(args, study.expand_rows(args), [w // 2, w, 2 * w, 4 * w, 8 * w, 16 * w, 24 * w],
+                                          [int(x) for x in args.passkey_lengths.split(",")],
+                                          args.depths.split(",")).values())
+    full, one_thread = minutes(), minutes("--threads", "1")
+    assert 120 < full < 600 and one_thread > full
