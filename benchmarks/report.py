@@ -616,7 +616,8 @@ def _gemma3_wider(loaded_ppl):
     if not wider:
         return ""
     ppl = float(wider[0]["ppl"])
-    return f"; with W=1020 on every layer {ppl:.3f} ({(ppl / loaded_ppl - 1) * 100:+.1f} %, `{GEMMA3_W1020}`)"
+    return (f"; a wider W=1020 on every layer is worse, {ppl:.1f} ({(ppl / loaded_ppl - 1) * 100:+.0f} %, "
+            f"`{GEMMA3_W1020}`): its local layers were trained to see 512 keys")
 
 
 def t_gemma3_prefill():

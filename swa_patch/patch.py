@@ -36,6 +36,7 @@ def patch_model(model, window=None, sinks: int = 0, **options):
     family = family_of(text_config)
     n_layers = text_config.num_hidden_layers
     specs = settings.layer_specs(n_layers, native_full_layers(text_config), text_config.num_attention_heads)
+    _warn_past_trained_windows(text_config, specs)
     if settings.positions is None and family.rope == "absolute":
         settings = dataclasses.replace(settings, positions="original")   # nothing to shift
     if settings.position_mode == "shift":
@@ -66,6 +67,24 @@ def patch_model(model, window=None, sinks: int = 0, **options):
     logger.info("swa_patch: patched %s (%d layers): %s", type(model).__name__, n_layers, settings)
     install_generation_hooks(model)
     return model
+
+
+def _warn_past_trained_windows(text_config, specs) -> None:
+    """A layer the model declares local (``layer_types[i] == "sliding_attention"``) was trained
+    to see ``sliding_window`` keys; a wider window, full attention or decode="full" there shows it
+    distances it never saw.  Allowed (it is what the user asked for) but said out loud: Gemma-3-270M,
+    with its local windows at 1024 instead of 512, goes from perplexity 11.6 to 161 on 2k tokens of
+    text (transformers' own sliding window and ours alike)."""
+    types, trained = getattr(text_config, "layer_types", None) or [], getattr(text_config, "sliding_window", None)
+    if not isinstance(trained, int):
+        return
+    wider = [i for i, (kind, spec) in enumerate(zip(types, specs)) if kind == "sliding_attention"
+             and (spec.window is None or spec.span > trained or spec.decode_full)]
+    if wider:
+        logger.warning("swa_patch: layers %s of this %s were trained with a %d-token window and now attend further "
+                       "(a wider window, full attention or decode='full'); such a model can degrade badly (Gemma-3-270M: "
+                       "perplexity 11.6 -> 161 with 1024-token local windows). Keep those layers at <= %d, e.g. "
+                       "decode=[its global layers] instead of 'full'", wider, text_config.model_type, trained, trained)
 
 
 def unpatch_model(model):

@@ -237,3 +237,17 @@ def test_decode_steps_and_auto_pick_the_documented_kernel(requested, lq, grad, e
     from swa_patch.masks import LayerSpec
     q = torch.zeros(1, 2, lq, 8, requires_grad=grad)
     assert choose_backend(requested, q, LayerSpec(64), KeyLayout(0, 0)) == expected
+
+
+def test_local_layers_opened_past_their_trained_window_are_warned_about(caplog):
+    """Gemma 3's local layers were trained with ``sliding_window`` keys: a wider window or
+    decode="full" there is allowed but logged (its global layers may take anything)."""
+    caplog.set_level(logging.WARNING, logger="swa_patch")
+    for options, warned in [(dict(window=[8, 8, 8]), None), (dict(window=[8, 8, 64]), None),
+                            (dict(window=[16, 8, 8]), "[0]"), (dict(window=[8, 8, 8], decode="full"), "[0, 1]"),
+                            (dict(window=[8, 8, 8], decode=[2]), None), (dict(window=8, full_layers=[1]), "[1]")]:
+        caplog.clear()
+        model = patch_model(tiny_model("gemma3_text", sliding_window=8), **options)
+        unpatch_model(model)
+        message = " ".join(r.getMessage() for r in caplog.records if "trained with" in r.getMessage())
+        assert (warned is None and not message) or (warned and f"layers {warned} " in message), (options, message)

@@ -45,6 +45,33 @@ def test_its_own_pattern_is_the_model_itself(gemma3):
     assert (shorter - plain).abs().max() > 1e-3
 
 
+def test_local_layers_wider_than_trained_break_it_here_and_in_transformers_alike(gemma3):
+    """W=1024 on its local layers (global layers full): equal to transformers' own Gemma with
+    sliding_window=1024, and both far worse than the 512 it was trained with (the README's
+    limit: the model, not the patch)."""
+    import math
+
+    import torch.nn.functional as F
+    model, ids = gemma3
+    ppl = lambda logits: math.exp(F.cross_entropy(logits[:-1].float(), ids[1:]).item())   # noqa: E731
+    with torch.no_grad():
+        native = ppl(model(ids[None]).logits[0])
+        patched = patch_model(model, window=1024)(ids[None]).logits[0]
+        unpatch_model(model)
+        attentions = [layer.self_attn for layer in model.model.layers if layer.self_attn.sliding_window]
+        try:
+            model.config.sliding_window = 1024
+            for attention in attentions:
+                attention.sliding_window = 1024
+            wider = model(ids[None]).logits[0]
+        finally:
+            model.config.sliding_window = 512
+            for attention in attentions:
+                attention.sliding_window = 512
+    torch.testing.assert_close(patched, wider, atol=1e-3, rtol=0)
+    assert ppl(wider) > 5 * native, (ppl(wider), native)
+
+
 def test_every_layer_windowed_with_its_global_layers_decoding_fully_matches_the_reference(gemma3):
     """decode=[its global layers]: the prompt is windowed in every layer (prefill linear), the
     rows from the prompt's end on attend every earlier token in layers 5, 11, 17 only.  The
