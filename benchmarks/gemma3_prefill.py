@@ -91,7 +91,10 @@ def main():
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
             seconds, kv[name] = prefill_once(model, ids, configs[name])
-            (times[name].append(seconds) if rnd else warmup.__setitem__(name, seconds))
+            if rnd == 0:
+                warmup[name] = seconds
+            else:
+                times[name].append(seconds)
             print(f"round {rnd}{' (warm-up)' if rnd == 0 else ''} {name}: {seconds:.2f} s", flush=True)
     base = statistics.median(times[UNPATCHED])
     rows = []

@@ -1,10 +1,15 @@
-"""The SWAA study (arXiv 2512.10411) reproduced on SmolLM2-135M-Instruct or Gemma-3-270M, in one run.
+"""The SWAA study (arXiv 2512.10411) reproduced on SmolLM2-135M-Instruct or Gemma-3-270M.
 
-    PYTHONPATH=. python benchmarks/long_range_study.py                        # SmolLM2, ~4 h on 2 cores
-    PYTHONPATH=. python benchmarks/long_range_study.py --model gemma3-270m    # Gemma, ~5 h, no LoRA rows
-    PYTHONPATH=. python benchmarks/long_range_study.py --quick [--model ...]  # a dry run, 10-20 min
+    PYTHONPATH=. python benchmarks/long_range_study.py --part probes           # SmolLM2 quality, ~2 h on 2 cores
+    PYTHONPATH=. python benchmarks/long_range_study.py --part timing           # SmolLM2 prefills, ~1 h
+    PYTHONPATH=. python benchmarks/long_range_study.py --model gemma3-270m     # Gemma, both parts
+    PYTHONPATH=. python benchmarks/long_range_study.py --quick [--model ...]   # a dry run, 10-20 min
 
-The run prints its own estimate first (from the grid and per-token rates measured on this
+Two parts, each its own command and CSV (so each fits a session of this project's 2-core
+machine, and the timing part can run alone while the probes need nothing quiet):
+``--part timing`` writes ``<out>_prefill.csv`` (step 1), ``--part probes`` ``<out>.csv`` (steps
+2-4); ``benchmarks/report.py`` joins them by configuration.  ``--part all`` (the default) runs
+both.  The run prints its own estimate first (from the grid and per-token rates measured on this
 project's 2-core machine; expect +-50 %).  ``--quick`` runs every step on a tiny grid (11 min for
 SmolLM2, 22 min for Gemma with one LoRA row, at ``--threads 1`` on a busy machine).  Gemma's
 unpatched model, the ``dense`` row, already windows 15 of its 18 layers at 512.
@@ -33,10 +38,12 @@ unpatched model, the ``dense`` row, already windows 15 of its 18 layers at 512.
    and ``sinks:k+full-layers:4`` for each k; a row equal to an earlier one is measured once),
    on the held-out text:
 
-   * copy-probe recall at D = W/2 ... 24W (``--trials`` trials per distance, paired
+   * copy-probe recall at D = W/2 ... 8W (``--trials`` trials per distance, paired
      percentile-bootstrap 95 % intervals), effective reach (the largest D before the first with
-     recall < 0.5) beside the receptive field.  decode="full" rows: the repeat is the answer
-     (the copy probe has no question, so it has the prompt-end boundary only);
+     recall < 0.5; ``>=8W`` when none is) beside the receptive field.  decode="full" rows: the repeat is the answer
+     (the copy probe has no question, so it has the prompt-end boundary only).  Gemma's
+     decode rows open its 3 global layers only (``decode-global``): its local layers were
+     trained with their 512-token window, and opening them too costs more than it recalls;
    * passkey accuracy per haystack length over ``--depths`` (10 by default, ``--passkey-tries``
      each), bootstrap 95 % intervals; decode="full" rows twice: the boundary at the question,
      and at the prompt end (``passkey_N_prompt_end``);
@@ -44,7 +51,8 @@ unpatched model, the ``dense`` row, already windows 15 of its 18 layers at 512.
 
 Writes ``benchmarks/results/long_range_study.csv`` (Gemma: ``long_range_study_gemma3.csv``; one
 row per configuration, with the command, commit, machine, versions and settings),
-``..._probes.csv`` (every copy distance and passkey trial) and ``....png``.
+``..._probes.csv`` (every copy distance and passkey trial), ``....png`` and
+``..._prefill.csv`` (one row per configuration timed).
 """
 from __future__ import annotations
 
@@ -78,12 +86,14 @@ SMOLLM2_ROWS = ("dense,window,sinks,sinks+full-layers:4,sinks+decode-full,sinks@
 # forwards scaled to 2 threads, so the estimate is rough (+-50 %).
 MODELS = {
     "smollm2-135m": dict(title="SmolLM2-135M-Instruct", out="long_range_study", window=256, layers=30,
-                         native_full=False, passkey="1024,2048,4096", rows=SMOLLM2_ROWS, train_config="sinks",
+                         native_full=False, global_layers=(), decode="decode-full",
+                         passkey="1024,2048,4096", rows=SMOLLM2_ROWS, train_config="sinks",
                          rate=dict(probe=1.1, dense=6.5, window=2.8, step=0.37, load=10)),
     "gemma3-270m": dict(title="Gemma-3-270M", out="long_range_study_gemma3", window=512, layers=18,
-                        native_full=True, passkey="2048,4096,8192", train_config="native+sinks",
-                        rows="dense,native,window,sinks,sinks+full-layers:4,sinks+decode-full,"
-                             "sinks+decode-full+full-layers:4",
+                        native_full=True, global_layers=(5, 11, 17), decode="decode-global",
+                        passkey="2048,4096,8192", train_config="native+sinks",
+                        rows="dense,native,window,sinks,sinks+full-layers:4,sinks+decode-global,"
+                             "sinks+decode-global+full-layers:4",
                         rate=dict(probe=1.2, dense=8.0, window=3.0, step=0.6, load=45)),
 }
 
@@ -97,7 +107,12 @@ def parse_args(argv=None):
     p.add_argument("--sink-sweep", default=None,
                    help="keep-first-k sweep: rows sinks:k+decode-full and sinks:k+full-layers:4 for these k "
                         "(default 4,16,64,128; --quick 4,16; '' for none)")
-    p.add_argument("--distances", default=None, help="copy distances (default W/2, W, 2W, 4W, 8W, 16W, 24W)")
+    p.add_argument("--part", choices=("all", "timing", "probes"), default="all",
+                   help="timing: the prefills only (<out>_prefill.csv); probes: adapters, probes and perplexity "
+                        "(<out>.csv); all: both, timing first")
+    p.add_argument("--distances", default=None,
+                   help="copy distances (default W/2, W, 2W, 4W, 8W: the target is at 8W; a reach that passes "
+                        "them all is written >=8W)")
     p.add_argument("--span", type=int, default=64)
     p.add_argument("--trials", type=int, default=10, help="copy trials per distance")
     p.add_argument("--passkey-lengths", default=None, help="default: 1024,2048,4096 (SmolLM2), 2048,4096,8192 (Gemma)")
@@ -146,22 +161,29 @@ def parse_args(argv=None):
     return args
 
 
-def expand_rows(args) -> list[tuple[str, str, str]]:
-    """``(label, configuration, adapter)`` for ``--rows`` then the ``--sink-sweep`` rows; a row
-    whose patch options and adapter equal an earlier row's is dropped (``sinks:4+decode-full``
-    is ``sinks+decode-full`` at ``--sinks 4``)."""
+def options_of(args, config: str) -> dict | None:
+    """``patch_model`` options of a configuration name on ``--model`` (see ``config_options``)."""
     from swa_patch.retrieval import config_options
 
-    layers = MODELS[args.model]["layers"]
+    spec = MODELS[args.model]
+    return config_options(config, args.window, args.sinks, spec["layers"], spec["global_layers"])
+
+
+def expand_rows(args) -> list[tuple[str, str, str]]:
+    """``(label, configuration, adapter)`` for ``--rows`` then the ``--sink-sweep`` rows
+    (``sinks:k+decode-full``, Gemma ``sinks:k+decode-global``, and ``sinks:k+full-layers:4``); a
+    row whose patch options and adapter equal an earlier row's is dropped (``sinks:4+decode-full``
+    is ``sinks+decode-full`` at ``--sinks 4``)."""
+    decode = MODELS[args.model]["decode"]
     labels = [r.strip() for r in args.rows.split(",") if r.strip()]
     for k in (int(x) for x in args.sink_sweep.split(",") if x.strip()):
-        labels += [f"sinks:{k}+decode-full", f"sinks:{k}+full-layers:4"]
+        labels += [f"sinks:{k}+{decode}", f"sinks:{k}+full-layers:4"]
     out, seen = [], {}
     for label in labels:
         config, _, adapter = label.partition("@")
         if adapter not in ("", "ce", "distill"):
             raise SystemExit(f"--rows: adapter must be @ce or @distill, got {label!r}")
-        key = (json.dumps(config_options(config, args.window, args.sinks, layers), sort_keys=True), adapter)
+        key = (json.dumps(options_of(args, config), sort_keys=True), adapter)
         if key in seen:
             print(f"row {label} is row {seen[key]}: measured once", flush=True)
             continue
@@ -180,13 +202,15 @@ def estimate_minutes(args, parsed, distances, lengths, depths) -> dict[str, floa
     prefill = sum((args.prefill_rounds + 1) * (args.prefill_tokens / 1000 * rate["dense"] if c == "dense" else per_call)
                   + rate["load"] for c in configs)
     copy = len(parsed) * args.trials * 2 * sum(d + 32 + 2 * args.span for d in distances) / 1000 * rate["probe"]
-    full = sum("decode-full" in c for _, c, _ in parsed)
+    full = sum("decode-" in c for _, c, _ in parsed)
     keys = (len(parsed) + full) * len(depths) * args.passkey_tries * sum(n / 1000 * rate["probe"] + 1 for n in lengths)
     adapters = {a for _, _, a in parsed if a}
     other = len(parsed) * args.ppl_blocks * args.seq_len / 1000 * rate["probe"] + (1 + len(adapters)) * rate["load"]
     train = len(adapters) * (args.steps * args.seq_len / 1024 * rate["step"] * 60 + rate["load"])
-    return {k: v * scale / 60 for k, v in (("prefill", prefill), ("train", train), ("copy", copy),
-                                            ("passkey", keys), ("ppl and loads", other))}
+    timing, probes = args.part in ("all", "timing"), args.part in ("all", "probes")
+    return {k: v * scale / 60 for k, v, run in (("prefill", prefill, timing), ("train", train, probes),
+                                                ("copy", copy, probes), ("passkey", keys, probes),
+                                                ("ppl and loads", other, probes)) if run}
 
 
 def split_text(work: str, heldout_fraction: float) -> tuple[str, str]:
@@ -206,8 +230,6 @@ def train_options(args) -> dict:
     """The recipe's ``--window``/``--sinks`` for ``--train-config``: the recipe patches with
     ``window=W`` (the model's own global layers stay full), so only window, native and sinks
     parts can be honoured, and a model with global layers must say ``native``."""
-    from swa_patch.retrieval import config_options
-
     parts = set(args.train_config.split("+"))
     if any(p not in ("window", "native", "sinks") and not p.startswith("sinks:") for p in parts):
         raise SystemExit(f"--train-config {args.train_config!r}: the recipe trains window, native and sinks[:N] "
@@ -215,7 +237,7 @@ def train_options(args) -> dict:
     if MODELS[args.model]["native_full"] and "native" not in parts:
         raise SystemExit(f"--train-config {args.train_config!r}: the recipe keeps {args.model}'s global layers "
                          "full, so the training configuration must include 'native' (e.g. native+sinks)")
-    return config_options(args.train_config, args.window, args.sinks, MODELS[args.model]["layers"])
+    return options_of(args, args.train_config)
 
 
 def train_adapter(args, kind: str, train: str, held: str) -> tuple[str, float]:
@@ -253,6 +275,17 @@ def load_variant(name: str, adapter_dir: str | None):
     return swa_patch.unpatch_model(merged), tokenizer
 
 
+def check_layers(args, model) -> None:
+    """The facts :data:`MODELS` states (layer count, global layers) against the loaded model."""
+    from swa_patch.families import native_full_layers
+
+    spec, config = MODELS[args.model], model.config.get_text_config(decoder=True)
+    found = (config.num_hidden_layers, sorted(native_full_layers(config)))
+    if found != (spec["layers"], sorted(spec["global_layers"])):
+        raise RuntimeError(f"{args.model} has (layers, global layers) {found}; MODELS says "
+                           f"{(spec['layers'], sorted(spec['global_layers']))}")
+
+
 def heldout_ppl(model, blocks: torch.Tensor) -> float:
     import torch.nn.functional as F
     with torch.no_grad():
@@ -269,11 +302,11 @@ def time_prefill(args) -> None:
 
     from swa_patch import make_cache, patch_model
     from swa_patch.models import load_model
-    from swa_patch.retrieval import config_options
     from swa_patch.streaming import cache_bytes
 
     model, _ = load_model(args.model)
-    options = config_options(args.time_config, args.window, args.sinks, model.config.num_hidden_layers)
+    check_layers(args, model)
+    options = options_of(args, args.time_config)
     if options is not None:
         patch_model(model, **options)
     ids = torch.randint(3, 40_000, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
@@ -312,34 +345,55 @@ def interval_columns(name: str, value: str, lo: float, hi: float, digits: int = 
     return {name: value, f"{name}_lo": f"{lo:.{digits}f}", f"{name}_hi": f"{hi:.{digits}f}"}
 
 
-def main():
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    if args.time_config:
-        return time_prefill(args)
+def write_rows(path: str, summary: list[dict], args) -> None:
+    """``summary`` with the run's provenance and settings in every row."""
+    meta = provenance()
+    meta["settings"] = json.dumps({k: getattr(args, k) for k in (
+        "model", "part", "window", "sinks", "trials", "distances", "depths", "passkey_tries", "span", "resamples",
+        "prefill_tokens", "prefill_rounds", "sink_sweep", "steps", "seq_len", "lr", "distill_alpha", "temperature",
+        "train_config", "ppl_blocks", "quick")})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*summary[0], *meta])
+        writer.writeheader()
+        for row in summary:
+            writer.writerow({**row, **meta})
+    for row in summary:
+        print(", ".join(f"{k}={v}" for k, v in row.items()))
+    print(f"wrote {path}", flush=True)
+
+
+def timing_part(args, configs: list[str]) -> None:
+    """Part 1: every configuration's prefill, the unpatched model's first; ``<out>_prefill.csv``."""
+    timing = {config: prefill(args, config) for config in dict.fromkeys(["dense", *configs])}
+    dense = statistics.median(timing["dense"]["seconds"])
+    summary = []
+    for config, t in timing.items():
+        median = statistics.median(t["seconds"])
+        summary.append({"config": config, "model": args.model, "window": args.window, "tokens": args.prefill_tokens,
+                        "rounds": len(t["seconds"]), "prefill_s": f"{median:.2f}",
+                        "prefill_s_min": f"{min(t['seconds']):.2f}", "prefill_s_max": f"{max(t['seconds']):.2f}",
+                        "prefill_warmup_s": f"{t['warmup_s']:.2f}", "prefill_speedup_vs_dense": f"{dense / median:.2f}",
+                        "kv_mib": f"{t['kv_bytes'] / 2**20:.1f}"})
+    write_rows(args.out + "_prefill.csv", summary, args)
+
+
+def reach_column(recalls, label: str, distances: list[int]) -> str:
+    """Effective reach; ``>=D`` when no measured distance failed (the reach is at least the largest)."""
+    from swa_patch.retrieval import effective_reach
+
+    reach = effective_reach(recalls, label) or 0
+    return f">={reach}" if reach == max(distances) else str(reach)
+
+
+def probes_part(args, parsed, distances: list[int], lengths: list[int], depths: list[float]) -> None:
+    """Parts 2-4: adapters, then every row's probes and perplexity; ``<out>.csv``, ``_probes.csv``, PNG."""
     from tqdm.auto import tqdm
 
     from swa_patch import patch_model, unpatch_model
-    from swa_patch.retrieval import (bootstrap_interval, config_options, copy_probe, effective_reach, passkey, plot,
-                                     recall_table, theoretical_reach, write_csv)
+    from swa_patch.retrieval import bootstrap_interval, copy_probe, passkey, plot, recall_table, theoretical_reach, write_csv
 
-    spec = MODELS[args.model]
-    parsed = expand_rows(args)
-    w = args.window
-    distances = ([int(x) for x in args.distances.split(",")] if args.distances else
-                 [w // 2, w, 2 * w, 4 * w, 8 * w, 16 * w, 24 * w])
-    lengths = [int(x) for x in args.passkey_lengths.split(",") if x]
-    depths = [float(x) for x in args.depths.split(",") if x]
-    if "@" in args.rows:
-        train_options(args)                            # refuse a bad --train-config before hours of work
-    est = estimate_minutes(args, parsed, distances, lengths, depths)
-    print(f"{spec['title']}, window {w}: {len(parsed)} rows ({', '.join(r for r, _, _ in parsed)}); "
-          f"estimate ~{sum(est.values()):.0f} min on {args.threads} thread(s) "
-          f"({', '.join(f'{k} {v:.0f}' for k, v in est.items())})", flush=True)
-    started = time.perf_counter()
-
-    timing = {config: prefill(args, config)         # first, while nothing else runs
-              for config in dict.fromkeys(["dense", *(c for _, c, _ in parsed)])}
+    spec, w = MODELS[args.model], args.window
     train, held = split_text(args.work, args.heldout_fraction)
     adapters, minutes = {}, {}
     for kind in sorted({a for _, _, a in parsed if a}):
@@ -348,15 +402,14 @@ def main():
     copies, keys, results = [], [], []
     for adapter in dict.fromkeys(a for _, _, a in parsed):
         model, tokenizer = load_variant(args.model, adapters.get(adapter))
-        if model.config.num_hidden_layers != spec["layers"]:
-            raise RuntimeError(f"{args.model} has {model.config.num_hidden_layers} layers, MODELS says {spec['layers']}")
+        check_layers(args, model)
         ids = tokenizer(open(held).read(), return_tensors="pt").input_ids[0]
         n_blocks = ids.numel() // args.seq_len
         blocks = ids[: n_blocks * args.seq_len].view(n_blocks, args.seq_len)[: args.ppl_blocks]
         mine = [(label, config) for label, config, a in parsed if a == adapter]
         for label, config in tqdm(mine, desc=f"rows{' @' + adapter if adapter else ''}"):
             tqdm.write(f"== {label}")
-            options = config_options(config, w, args.sinks, model.config.num_hidden_layers)
+            options = options_of(args, config)
             if options is not None:
                 patch_model(model, backend=args.probe_backend, **options)
             try:
@@ -364,7 +417,7 @@ def main():
                 copies += copy_probe(model, ids, distances, args.span, 32, args.trials, 0, label)
                 if lengths:
                     keys += passkey(model, tokenizer, ids, lengths, depths, args.passkey_tries, config=label)
-                    if options and options.get("decode") == "full":        # only the answer attends fully
+                    if options and options.get("decode", "window") != "window":    # only the answer attends fully
                         keys += passkey(model, tokenizer, ids, lengths, depths, args.passkey_tries,
                                         config=label + PROMPT_END, boundary="prompt-end")
                 ppl = heldout_ppl(model, blocks)
@@ -377,7 +430,6 @@ def main():
 
     recalls = recall_table(copies, resamples=args.resamples)
     by = {(r.config, r.distance): r for r in recalls}
-    dense = timing["dense"]
     summary = []
     for res in results:
         label = res["row"]
@@ -387,7 +439,7 @@ def main():
             r = by.get((label, d))
             row.update(interval_columns(f"recall_{name}", f"{r.recall:.3f}", r.recall_lo, r.recall_hi) if r else
                        {f"recall_{name}": "", f"recall_{name}_lo": "", f"recall_{name}_hi": ""})
-        row["effective_reach"] = effective_reach(recalls, label) or 0
+        row["effective_reach"] = reach_column(recalls, label, distances)
         row["receptive_field"] = res["reach_theory"] or "all"
         for n in lengths:
             for suffix, name in (("", label), ("_prompt_end", label + PROMPT_END)):
@@ -397,33 +449,38 @@ def main():
                                             *bootstrap_interval(hits, resamples=args.resamples), digits=2) if hits else
                            {column: "", f"{column}_lo": "", f"{column}_hi": ""})
         row["heldout_ppl"] = f"{res['ppl']:.3f}"
-        t = timing[res["config"]]
-        median = statistics.median(t["seconds"])
-        row[f"prefill_s_{args.prefill_tokens}"] = f"{median:.2f}"
-        row["prefill_s_min"], row["prefill_s_max"] = f"{min(t['seconds']):.2f}", f"{max(t['seconds']):.2f}"
-        row["prefill_warmup_s"] = f"{t['warmup_s']:.2f}"
-        row["prefill_speedup_vs_dense"] = f"{statistics.median(dense['seconds']) / median:.2f}"
-        row[f"kv_mib_{args.prefill_tokens}"] = f"{t['kv_bytes'] / 2**20:.1f}"
         row["train_minutes"] = f"{minutes[res['adapter']]:.1f}" if res["adapter"] else ""
         row["probe_minutes"] = f"{res['probe_minutes']:.1f}"
         summary.append(row)
-    meta = provenance()
-    meta["settings"] = json.dumps({k: getattr(args, k) for k in (
-        "model", "window", "sinks", "trials", "depths", "passkey_tries", "span", "resamples", "prefill_tokens",
-        "prefill_rounds", "sink_sweep", "steps", "seq_len", "lr", "distill_alpha", "temperature", "train_config",
-        "ppl_blocks", "quick")})
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*summary[0], *meta])
-        writer.writeheader()
-        for row in summary:
-            writer.writerow({**row, **meta})
+    write_rows(args.out + ".csv", summary, args)
     write_csv(args.out + "_probes.csv", recalls, keys, {r["row"]: r["reach_theory"] for r in results})
     plot(recalls, keys, args.out + ".png", w, f"{spec['title']}, window {w}: copy recall and passkey per configuration")
-    for row in summary:
-        print(", ".join(f"{k}={v}" for k, v in row.items()))
-    print(f"wrote {args.out}.csv, {args.out}_probes.csv, {args.out}.png "
-          f"({(time.perf_counter() - started) / 60:.1f} min; estimated {sum(est.values()):.0f})")
+    print(f"wrote {args.out}_probes.csv, {args.out}.png")
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.time_config:
+        return time_prefill(args)
+    spec = MODELS[args.model]
+    parsed = expand_rows(args)
+    w = args.window
+    distances = [int(x) for x in args.distances.split(",")] if args.distances else [w // 2, w, 2 * w, 4 * w, 8 * w]
+    lengths = [int(x) for x in args.passkey_lengths.split(",") if x]
+    depths = [float(x) for x in args.depths.split(",") if x]
+    if "@" in args.rows and args.part != "timing":
+        train_options(args)                            # refuse a bad --train-config before hours of work
+    est = estimate_minutes(args, parsed, distances, lengths, depths)
+    print(f"{spec['title']}, window {w}, part {args.part}: {len(parsed)} rows ({', '.join(r for r, _, _ in parsed)}); "
+          f"estimate ~{sum(est.values()):.0f} min on {args.threads} thread(s) "
+          f"({', '.join(f'{k} {v:.0f}' for k, v in est.items())})", flush=True)
+    started = time.perf_counter()
+    if args.part in ("all", "timing"):
+        timing_part(args, [c for _, c, _ in parsed])   # first, while nothing else runs
+    if args.part in ("all", "probes"):
+        probes_part(args, parsed, distances, lengths, depths)
+    print(f"done in {(time.perf_counter() - started) / 60:.1f} min; estimated {sum(est.values()):.0f}")
 
 
 if __name__ == "__main__":

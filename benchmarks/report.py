@@ -67,6 +67,9 @@ MEASURES = {
     "long_range_study.csv": CACHE + ("swa_patch/retrieval.py", "recipes", "benchmarks/long_range_study.py"),
     "long_range_study_gemma3.csv": CACHE + ("swa_patch/retrieval.py", "swa_patch/models.py", "recipes",
                                             "benchmarks/long_range_study.py"),
+    "long_range_study_prefill.csv": CACHE + ("swa_patch/retrieval.py", "benchmarks/long_range_study.py"),
+    "long_range_study_gemma3_prefill.csv": CACHE + ("swa_patch/retrieval.py", "swa_patch/models.py",
+                                                    "benchmarks/long_range_study.py"),
     "gpu_check_h200.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/gpu_check.py"),
     "vllm_roundtrip.csv": ATTENTION + ("swa_patch/export.py", "swa_patch/families.py", "swa_patch/checkpoint.py",
                                        "swa_patch/verify.py", "swa_patch/_vllm_driver.py", "benchmarks/vllm_roundtrip.py"),
@@ -234,14 +237,18 @@ def train():
         return source(name)
     cell = {(r["mode"], r["metric"], r["seq_len"]): float(r["value"]) for r in data}
     body = []
+    def step(mode, n):
+        spread = (f" ({f(cell[(mode, 'step_s_min', n)], 1)}–{f(cell[(mode, 'step_s_max', n)], 1)})"
+                  if (mode, "step_s_max", n) in cell else "")
+        return f(cell[(mode, "step_s", n)], 1) + spread
     for n in sorted({r["seq_len"] for r in data}, key=int):
         d, w = cell[("dense", "step_s", n)], cell[("window", "step_s", n)]
-        body.append([n, f(d, 1), f(w, 1), f(d / w, 2), f(cell[("dense", "peak_mb", n)], 0),
+        body.append([n, step("dense", n), step("window", n), f(d / w, 2), f(cell[("dense", "peak_mb", n)], 0),
                      f(cell[("window", "peak_mb", n)], 0)])
     r = data[0]
     return with_source(name, f"Median of {r['repeats']} steps after {r['warmup']} untimed warm-up step(s), "
                        f"each length and mode in a fresh process:\n\n"
-                       + table(["tokens", "dense step s", "window step s", "speed-up", "dense peak MB",
+                       + table(["tokens", "dense step s (min–max)", "window step s (min–max)", "speed-up", "dense peak MB",
                                 "window peak MB"], body))
 
 
@@ -291,17 +298,22 @@ def _with_interval(r, col, digits):
     return f"{value} [{float(lo):.{digits}f}, {float(hi):.{digits}f}]" if lo else value
 
 
+def _prefill_name(name):
+    """The study's timing part beside its probes part: long_range_study.csv -> long_range_study_prefill.csv."""
+    return name.removesuffix(".csv") + "_prefill.csv"
+
+
 def long_range(name="long_range_study.csv"):
-    """The SWAA-style table: one row per configuration of benchmarks/long_range_study.py, with
-    bootstrap intervals where the CSV has them (CSVs before them show the bare figures), then
-    the target's verdict (:func:`long_range_target`)."""
+    """The SWAA-style table: one row per configuration of benchmarks/long_range_study.py's probes
+    part, its prefill columns joined by configuration from the timing part (``*_prefill.csv``,
+    its own command and commit), with bootstrap intervals where the CSV has them, then the
+    target's verdict (:func:`long_range_target`)."""
     data = rows(name)
     if not data:
         return source(name)
+    timing = {r["config"]: r for r in rows(_prefill_name(name))}
     lengths = _passkey_lengths(data[0])
-    tokens = next(c for c in data[0] if re.fullmatch(r"prefill_s_\d+", c)).rsplit("_", 1)[1]
-    kv = next(c for c in data[0] if c.startswith("kv_mib_"))
-    k = _tokens(tokens)
+    k = _tokens(next(iter(timing.values()))["tokens"]) if timing else "16k"
     header = (["configuration", "recall W/2", "recall 2W", "recall 8W", "reach (field)"]
               + [f"passkey {_tokens(n)}" for n in lengths]
               + ["held-out ppl", f"prefill {k} s (min–max)", "vs unpatched", "warm-up s", f"KV MiB at {k}"])
@@ -310,11 +322,12 @@ def long_range(name="long_range_study.csv"):
         label = r["config"] + (f" + LoRA ({r['adapter']})" if r["adapter"] else "")
         keys = [_with_interval(r, f"passkey_{n}", 2) + (f" (end {_with_interval(r, f'passkey_{n}_prompt_end', 2)})"
                                                        if r.get(f"passkey_{n}_prompt_end") else "") for n in lengths]
-        spread = f" ({f(r['prefill_s_min'])}–{f(r['prefill_s_max'])})" if r.get("prefill_s_min") else ""
+        t = timing.get(r["config"])
+        speed = ([f"{f(t['prefill_s'])} ({f(t['prefill_s_min'])}–{f(t['prefill_s_max'])})",
+                  f"{float(t['prefill_speedup_vs_dense']):.2f}x", f(t["prefill_warmup_s"]), t["kv_mib"]] if t else
+                 ["not measured", "–", "–", "–"])
         body.append([label, *(_with_interval(r, f"recall_{d}", 2) for d in ("W/2", "2W", "8W")),
-                     f"{r['effective_reach']} ({r['receptive_field']})", *keys, r["heldout_ppl"],
-                     f"{f(r[f'prefill_s_{tokens}'])}{spread}", f"{float(r['prefill_speedup_vs_dense']):.2f}x",
-                     f(r["prefill_warmup_s"]) if r.get("prefill_warmup_s") else "–", r[kv]])
+                     f"{r['effective_reach']} ({r['receptive_field']})", *keys, r["heldout_ppl"], *speed])
     title = MODEL_TITLES[data[0].get("model") or "smollm2-135m"]
     notes = ""
     if '"reuse_adapters": true' in data[0].get("settings", ""):
@@ -325,7 +338,8 @@ def long_range(name="long_range_study.csv"):
               else "within one hit of the unpatched model's, as this CSV has no intervals")
     verdict = (f"\n\nTarget (prefill ≥ 1.5x the unpatched model, recall ≥ 0.9 at 8W, passkey at every length "
                f"{within}): {'**met**' if met else '**not met**'}: {text}.")
-    return with_source(name, f"{title}, window {data[0]['window']}:\n\n" + table(header, body) + notes + verdict)
+    return (f"{source(name)}\n\nPrefill: {source(_prefill_name(name))}\n\n{title}, window {data[0]['window']}:\n\n"
+            + table(header, body) + notes + verdict)
 
 
 def long_range_target(name="long_range_study.csv"):
@@ -337,7 +351,9 @@ def long_range_target(name="long_range_study.csv"):
     their thresholds, passkey in accuracy)."""
     data = rows(name)
     dense = pick(data, row="dense")
-    shortfalls = {r["row"]: _long_range_shortfalls(r, dense) for r in data if r["row"] != "dense"}
+    timing = {r["config"]: r for r in rows(_prefill_name(name))}
+    shortfalls = {r["row"]: _long_range_shortfalls(r, dense, timing.get(r["config"]))
+                  for r in data if r["row"] != "dense"}
     met = [row for row, short in shortfalls.items() if not short]
     if met:
         return met, f"met by {', '.join(met)}"
@@ -345,11 +361,14 @@ def long_range_target(name="long_range_study.csv"):
     return met, f"closest: {row}, " + "; ".join(text for text, _ in shortfalls[row])
 
 
-def _long_range_shortfalls(r, dense):
-    """[(what is missed, by how much as a share)] for one row of a long-range CSV."""
+def _long_range_shortfalls(r, dense, timing):
+    """[(what is missed, by how much as a share)] for one row of a long-range CSV and its
+    configuration's row of the timing part (None: not timed, which misses the speed criterion)."""
     out = []
-    speed = float(r["prefill_speedup_vs_dense"])
-    if speed < 1.5:
+    speed = float(timing["prefill_speedup_vs_dense"]) if timing else 0.0
+    if timing is None:
+        out.append(("prefill not measured", 1.0))
+    elif speed < 1.5:
         out.append((f"prefill {speed:.2f}x ({1.5 - speed:.2f}x short of 1.5x)", (1.5 - speed) / 1.5))
     recall = float(r["recall_8W"]) if r.get("recall_8W") else float("nan")
     if not recall >= 0.9:

@@ -1,7 +1,7 @@
 """Training-step time and peak memory: sliding window (swa_patch) vs the dense model, on CPU.
 
     PYTHONPATH=. python benchmarks/train_step.py [--lengths 4096 8192 16384] [--window 1024]
-        [--layers 2] [--vocab 8192] [--warmup 1] [--repeats 2] [--threads 2]
+        [--layers 2] [--vocab 8192] [--warmup 1] [--repeats 5] [--threads 2]
 
 A SmolLM2-135M-shaped random Llama (hidden 576, 9 heads, 3 KV heads, intermediate 1536;
 ``--layers`` of its 30, ``--vocab`` of its 49152 to bound the logits' memory), trained the
@@ -10,7 +10,8 @@ checkpointing, AdamW, batch 1.  Dense = transformers' own causal SDPA; window = 
 model patched with ``patch_model(window=W)`` (the block-sparse sdpa band backend).
 
 Each (mode, length) runs in a fresh child process (so peak RSS is its own); dense and window
-alternate per length, so their ratio is measured side by side.  Writes a long-format CSV
+alternate per length, so their ratio is measured side by side; the CSV has each one's median
+step and its min and max over ``--repeats`` timed steps (after ``--warmup`` untimed ones).  Writes a long-format CSV
 (benchmarks/results/train_step.csv) and draws the PNG with plot_train_step.py.
 """
 from __future__ import annotations
@@ -77,7 +78,7 @@ def child(mode: str, n: int, args) -> dict:
         times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "seq_len": n, "step_s": statistics.median(times), "step_s_min": min(times),
-            "peak_mb": peak - base, "base_mb": base}
+            "step_s_max": max(times), "peak_mb": peak - base, "base_mb": base}
 
 
 def main():
@@ -87,7 +88,7 @@ def main():
     p.add_argument("--layers", type=int, default=2, help="of SmolLM2-135M's 30 (CPU time)")
     p.add_argument("--vocab", type=int, default=8192, help="of SmolLM2's 49152 (logits' memory)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (0: time the first step)")
-    p.add_argument("--repeats", type=int, default=2, help="timed steps (median reported)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps (median, min and max reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "results", "train_step.csv"))
     p.add_argument("--child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
@@ -124,8 +125,8 @@ def main():
         w = csv.writer(f)
         w.writerow(["mode", "metric", "seq_len", "value", *meta])
         for r in rows:
-            for metric, key in (("step_s", "step_s"), ("step_s_min", "step_s_min"), ("peak_mb", "peak_mb")):
-                w.writerow([r["mode"], metric, r["seq_len"], round(r[key], 4), *meta.values()])
+            for metric in ("step_s", "step_s_min", "step_s_max", "peak_mb"):
+                w.writerow([r["mode"], metric, r["seq_len"], round(r[metric], 4), *meta.values()])
     print(f"\nratios dense / window (W={args.window}, {args.layers} layers):")
     by = {(r["mode"], r["seq_len"]): r for r in rows}
     for n in args.lengths:

@@ -21,7 +21,7 @@
 Only the scored logits are computed (``logits_to_keep``), so a long probe of a large-vocabulary
 model never builds a ``[n, vocab]`` tensor.  :func:`compare` runs configurations of one model
 one after the other (``dense``, or ``+``-joined parts: ``window``, ``native``, ``sinks[:N]``,
-``full-layers:K``, ``decode-full``; see :func:`config_options`); the ``swa-patch eval retrieval``
+``full-layers:K``, ``decode-full``, ``decode-global``; see :func:`config_options`); the ``swa-patch eval retrieval``
 command writes a CSV and a PNG.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-FEATURES = ("window", "native", "sinks[:N]", "full-layers:K", "decode-full")
+FEATURES = ("window", "native", "sinks[:N]", "full-layers:K", "decode-full", "decode-global")
 PASSKEY_INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
                  "I will quiz you about the pass key.\n\n")
 PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
@@ -65,14 +65,16 @@ class PasskeyTrial:
 
 
 # ---- configurations ----------------------------------------------------------------------------
-def config_options(name: str, window: int, sinks: int, n_layers: int) -> dict | None:
+def config_options(name: str, window: int, sinks: int, n_layers: int, global_layers=()) -> dict | None:
     """``patch_model`` options for a configuration name (None: the unpatched model).
     ``window`` = the window alone on *every* layer (``window=[W] * n_layers``, so the layers a
     hybrid model such as Gemma 3 declares global are windowed too); ``+native`` keeps the
     model's own global layers full instead (``window=W``, what ``patch_model(model, window=W)``
     does; the same as ``window`` on a model with none); ``+sinks`` adds the sinks (``sinks:N``:
     N of them), ``+full-layers:K`` makes every K-th layer full (layers K-1, 2K-1, ...),
-    ``+decode-full`` sets decode="full"."""
+    ``+decode-full`` sets decode="full", ``+decode-global`` decode=``global_layers`` (the layers
+    a hybrid model declares global: Gemma 3's local layers were trained with their window, and
+    opening them for the answer costs more than it recalls)."""
     if name == "dense":
         return None
     options = {"window": [window] * n_layers, "sinks": 0}
@@ -90,6 +92,11 @@ def config_options(name: str, window: int, sinks: int, n_layers: int) -> dict | 
             options["full_layers"] = list(range(every - 1, n_layers, every))
         elif part == "decode-full":
             options["decode"] = "full"
+        elif part == "decode-global":
+            if not global_layers:
+                raise ValueError(f"configuration {name!r}: 'decode-global' needs a model that declares global "
+                                 "layers (Gemma 2/3, GPT-OSS); this one has none: use 'decode-full'")
+            options["decode"] = sorted(global_layers)
         else:
             raise ValueError(f"configuration {name!r}: unknown part {part!r}; a configuration is 'dense' or "
                              f"'+'-joined parts from {FEATURES} (K >= 1), e.g. 'sinks:16+decode-full'")
@@ -101,7 +108,7 @@ def parse_configs(compare) -> list[str]:
     if not names or len(set(names)) != len(names):
         raise ValueError(f"compare must list distinct configurations, got {compare!r}")
     for name in names:
-        config_options(name, 2, 1, 4)          # validates the name
+        config_options(name, 2, 1, 4, [3])     # validates the name
     return names
 
 
@@ -261,12 +268,15 @@ def compare(model, tokenizer, ids, configs, window: int, sinks: int = 4, distanc
 
     if patch_state(model) is not None:
         raise ValueError("compare patches the model itself: pass it unpatched")
+    from .families import native_full_layers
+
     configs = parse_configs(configs)
-    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    text_config = model.config.get_text_config(decoder=True)
+    n_layers, global_layers = text_config.num_hidden_layers, native_full_layers(text_config)
     distances = distances or default_distances(window)
     copies, keys, reach = [], [], {}
     for name in configs:
-        options = config_options(name, window, sinks, n_layers)
+        options = config_options(name, window, sinks, n_layers, global_layers)
         if options is not None:
             patch_model(model, backend=backend, **options)
         try:

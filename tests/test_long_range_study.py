@@ -41,6 +41,17 @@ def test_sink_sweep_adds_rows_once(study):
         study.expand_rows(study.parse_args(["--rows", "sinks@lora"]))
 
 
+def test_gemma_decode_rows_open_its_global_layers_only(study):
+    """Gemma's local layers were trained with their window: its decode rows and sweep open the
+    3 global layers (decode=[5, 11, 17]), never every layer."""
+    args = study.parse_args(["--model", "gemma3-270m"])
+    labels = [label for label, _, _ in study.expand_rows(args)]
+    assert "sinks+decode-global" in labels and "sinks:128+decode-global" in labels
+    assert not any("decode-full" in label for label in labels)
+    assert study.options_of(args, "sinks:16+decode-global")["decode"] == [5, 11, 17]
+    assert "decode-global" not in study.parse_args([]).rows                 # SmolLM2 has no global layers
+
+
 def test_gemma_adapters_train_on_its_own_pattern(study):
     """The recipe's --window keeps Gemma's global layers full: a training configuration that
     says otherwise is refused, not silently trained on something else."""
@@ -56,8 +67,19 @@ def test_estimate(study):
     def minutes(*argv):
         args = study.parse_args(list(argv))
         w = args.window
-        return sum(study.estimate_minutes(args, study.expand_rows(args), [w // 2, w, 2 * w, 4 * w, 8 * w, 16 * w, 24 * w],
+        return sum(study.estimate_minutes(args, study.expand_rows(args), [w // 2, w, 2 * w, 4 * w, 8 * w],
                                           [int(x) for x in args.passkey_lengths.split(",")],
                                           args.depths.split(",")).values())
     full, one_thread = minutes(), minutes("--threads", "1")
     assert 120 < full < 600 and one_thread > full
+    assert minutes("--part", "timing") < full and minutes("--part", "probes") < full
+
+
+def test_reach_passing_every_distance_is_a_lower_bound(study):
+    from swa_patch.retrieval import RecallRow
+
+    def rows(*recalls):
+        return [RecallRow("c", d, 10, 1.0, 2.0, 1.0, r, 1.0, 0.0) for d, r in zip((128, 256, 512), recalls)]
+    assert study.reach_column(rows(1.0, 0.9, 0.8), "c", [128, 256, 512]) == ">=512"
+    assert study.reach_column(rows(1.0, 0.4, 0.8), "c", [128, 256, 512]) == "128"
+    assert study.reach_column(rows(0.4, 0.9, 0.8), "c", [128, 256, 512]) == "0"

@@ -184,11 +184,16 @@ def test_attention_sinks_is_judged_on_the_median_paired_speedup(report, results)
     assert "An older run" in report.attention_sinks()
 
 
-def _long_range_row(row, recall_8w, passkey, speedup, **extra):
-    """One row of long_range_study*.csv as the study writes it (with intervals)."""
+def _provenance(command):
     import subprocess
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
+    return {"command": command, "commit": commit, "date": "2026-12-02 10:00 UTC", "machine": "x86_64 2 cpus",
+            "threads": "2", "torch": "2.13.0+cpu", "transformers": "5.24.0", "settings": "{}"}
+
+
+def _long_range_row(row, recall_8w, passkey, **extra):
+    """One row of long_range_study*.csv as the study's probes part writes it (with intervals)."""
     config, _, adapter = row.partition("@")
     hits = int(passkey.split("/")[0])
     out = {"row": row, "config": config, "adapter": adapter, "model": "gemma3-270m", "window": "512", "sinks": "4"}
@@ -196,47 +201,57 @@ def _long_range_row(row, recall_8w, passkey, speedup, **extra):
         value = recall_8w if d == "8W" else 1.0
         out.update({f"recall_{d}": f"{value:.3f}", f"recall_{d}_lo": f"{value - 0.07:.3f}",
                     f"recall_{d}_hi": f"{value + 0.06:.3f}"})
-    out.update({"effective_reach": "4096", "receptive_field": "all", "passkey_4096": passkey,
+    out.update({"effective_reach": ">=4096", "receptive_field": "all", "passkey_4096": passkey,
                 "passkey_4096_lo": f"{max(0, hits / 10 - 0.3):.2f}", "passkey_4096_hi": f"{min(1, hits / 10 + 0.2):.2f}",
                 "passkey_4096_prompt_end": "", "passkey_4096_prompt_end_lo": "", "passkey_4096_prompt_end_hi": "",
-                "heldout_ppl": "9.000", "prefill_s_16384": f"{40 / speedup:.2f}", "prefill_s_min": "1.00",
-                "prefill_s_max": "99.00", "prefill_warmup_s": "3.00", "prefill_speedup_vs_dense": f"{speedup:.2f}",
-                "kv_mib_16384": "10.0", "train_minutes": "", "probe_minutes": "1.0",
-                "command": "benchmarks/long_range_study.py --model gemma3-270m", "commit": commit,
-                "date": "2026-12-02 10:00 UTC", "machine": "x86_64 2 cpus", "threads": "2", "torch": "2.13.0+cpu",
-                "transformers": "5.24.0", "settings": "{}", **extra})
+                "heldout_ppl": "9.000", "train_minutes": "", "probe_minutes": "1.0",
+                **_provenance("benchmarks/long_range_study.py --model gemma3-270m --part probes"), **extra})
     return out
 
 
-def test_long_range_tables_show_intervals_and_name_the_closest_row(report, results):
-    path = results / "long_range_study_gemma3.csv"
-    path.unlink(missing_ok=True)
-    assert "not measured yet" in report.long_range("long_range_study_gemma3.csv")
-    old = report.long_range()                                    # the SmolLM2 CSV from before intervals
-    assert "Adapters not trained in this run" in old and "within one hit" in old and "| 4/5 (end 1/5) |" in old
+def _prefill_row(config, speedup):
+    """One row of long_range_study*_prefill.csv as the study's timing part writes it."""
+    return {"config": config, "model": "gemma3-270m", "window": "512", "tokens": "16384", "rounds": "5",
+            "prefill_s": f"{40 / speedup:.2f}", "prefill_s_min": "1.00", "prefill_s_max": "99.00",
+            "prefill_warmup_s": "3.00", "prefill_speedup_vs_dense": f"{speedup:.2f}", "kv_mib": "10.0",
+            **_provenance("benchmarks/long_range_study.py --model gemma3-270m --part timing")}
 
-    def write(data):
-        with open(path, "w", newline="") as fh:
+
+def test_long_range_tables_show_intervals_and_name_the_closest_row(report, results):
+    path, timing = results / "long_range_study_gemma3.csv", results / "long_range_study_gemma3_prefill.csv"
+    path.unlink(missing_ok=True)
+    timing.unlink(missing_ok=True)
+    assert "not measured yet" in report.long_range("long_range_study_gemma3.csv")
+
+    def write(to, data):
+        with open(to, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(data[0]))
             writer.writeheader()
             writer.writerows(data)
-    data = [_long_range_row("dense", 1.0, "8/10", 1.0), _long_range_row("native", 0.95, "5/10", 1.2),
-            _long_range_row("sinks+decode-full", 0.87, "8/10", 2.0)]
+    data = [_long_range_row("dense", 1.0, "8/10"), _long_range_row("native", 0.95, "5/10"),
+            _long_range_row("sinks+decode-global", 0.87, "8/10")]
     data[2]["passkey_4096_prompt_end"], data[2]["passkey_4096_prompt_end_lo"] = "2/10", "0.00"
     data[2]["passkey_4096_prompt_end_hi"] = "0.40"
-    write(data)
+    write(path, data)
+    text = report.long_range("long_range_study_gemma3.csv")              # probes without their timing part
+    assert "| not measured | – |" in text and "`long_range_study_gemma3_prefill.csv` not measured yet" in text
+    met, line = report.long_range_target("long_range_study_gemma3.csv")
+    assert met == [] and "prefill not measured" in line
+    write(timing, [_prefill_row("dense", 1.0), _prefill_row("native", 1.2), _prefill_row("sinks+decode-global", 2.0)])
     text = report.long_range("long_range_study_gemma3.csv")
-    assert text.startswith("`long_range_study_gemma3.csv`: `benchmarks/long_range_study.py --model gemma3-270m`")
-    assert "Gemma-3-270M, window 512" in text and "Adapters not trained" not in text
+    assert text.startswith("`long_range_study_gemma3.csv`: `benchmarks/long_range_study.py --model gemma3-270m --part probes`")
+    assert "Prefill: `long_range_study_gemma3_prefill.csv`: `benchmarks/long_range_study.py --model gemma3-270m --part timing`" in text
+    assert "Gemma-3-270M, window 512" in text and "| >=4096 (all) |" in text
     assert "| 0.87 [0.80, 0.93] |" in text and "| 8/10 [0.50, 1.00] (end 2/10 [0.00, 0.40]) |" in text
-    assert "| 20.00 (1.00–99.00) | 2.00x | 3.00 |" in text
-    assert "**not met**: closest: sinks+decode-full, recall at 8W 0.870 (0.030 short of 0.9)" in text
+    assert "| 20.00 (1.00–99.00) | 2.00x | 3.00 | 10.0 |" in text
+    assert "**not met**: closest: sinks+decode-global, recall at 8W 0.870 (0.030 short of 0.9)" in text
     met, line = report.long_range_target("long_range_study_gemma3.csv")
     assert met == [] and "native" not in line                     # native misses by more: prefill 1.20x
     data[2]["recall_8W"] = "0.900"
-    write(data)
-    assert report.long_range_target("long_range_study_gemma3.csv") == (["sinks+decode-full"], "met by sinks+decode-full")
+    write(path, data)
+    assert report.long_range_target("long_range_study_gemma3.csv") == (
+        ["sinks+decode-global"], "met by sinks+decode-global")
     data[2]["passkey_4096"] = "4/10"                                # below dense's interval [0.50, 1.00]
-    write(data)
+    write(path, data)
     met, line = report.long_range_target("long_range_study_gemma3.csv")
     assert met == [] and "passkey 4k 4/10 below the unpatched model's interval [0.50, 1.00] by 0.10" in line

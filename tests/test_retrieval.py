@@ -25,6 +25,9 @@ def test_config_names():
     assert config_options("sinks:16+decode-full", 64, 4, 8) == {"window": [64] * 8, "sinks": 16, "decode": "full"}
     assert config_options("native+sinks:128+full-layers:4", 64, 4, 8) == {
         "window": 64, "sinks": 128, "full_layers": [3, 7]}
+    assert config_options("sinks+decode-global", 64, 4, 8, {5, 1}) == {"window": [64] * 8, "sinks": 4, "decode": [1, 5]}
+    with pytest.raises(ValueError, match="declares global"):
+        config_options("sinks+decode-global", 64, 4, 8)                # no global layers: refused, not all-window
     for bad in ("sink", "sinks:0", "full-layers:0", "full-layers:x", "dense+sinks"):
         with pytest.raises(ValueError, match="unknown part"):
             config_options(bad, 64, 4, 8)
