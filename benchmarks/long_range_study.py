@@ -38,7 +38,9 @@ unpatched model, the ``dense`` row, already windows 15 of its 18 layers at 512.
    and ``sinks:k+full-layers:4`` for each k; a row equal to an earlier one is measured once),
    on the held-out text:
 
-   * copy-probe recall at D = W/2 ... 8W (``--trials`` trials per distance, paired
+   * copy-probe recall at D = W/2 ... 8W, the first copy after ``--lead`` tokens (default 32 +
+     the most sinks of any row: with 32, the 64 and 128 sinks of the sweep held the first copy
+     itself, and recall read 1.05 at 8W with 128 sinks and 4 full layers; ``--trials`` trials per distance, paired
      percentile-bootstrap 95 % intervals), effective reach (the largest D before the first with
      recall < 0.5; ``>=8W`` when none is) beside the receptive field.  decode="full" rows: the repeat is the answer
      (the copy probe has no question, so it has the prompt-end boundary only).  Gemma's
@@ -114,6 +116,9 @@ def parse_args(argv=None):
                    help="copy distances (default W/2, W, 2W, 4W, 8W: the target is at 8W; a reach that passes "
                         "them all is written >=8W)")
     p.add_argument("--span", type=int, default=64)
+    p.add_argument("--lead", type=int, default=None,
+                   help="tokens before the first copy (default 32 + the most sinks of any row, so that no row keeps "
+                        "the first copy as sinks; one lead for every row, which the recall's pairing needs)")
     p.add_argument("--trials", type=int, default=10, help="copy trials per distance")
     p.add_argument("--passkey-lengths", default=None, help="default: 1024,2048,4096 (SmolLM2), 2048,4096,8192 (Gemma)")
     p.add_argument("--depths", default=DEPTHS, help="needle depths per passkey length")
@@ -201,7 +206,7 @@ def estimate_minutes(args, parsed, distances, lengths, depths) -> dict[str, floa
     per_call = args.prefill_tokens / 1000 * rate["window"]
     prefill = sum((args.prefill_rounds + 1) * (args.prefill_tokens / 1000 * rate["dense"] if c == "dense" else per_call)
                   + rate["load"] for c in configs)
-    copy = len(parsed) * args.trials * 2 * sum(d + 32 + 2 * args.span for d in distances) / 1000 * rate["probe"]
+    copy = len(parsed) * args.trials * 2 * sum(d + (args.lead or 32) + 2 * args.span for d in distances) / 1000 * rate["probe"]
     full = sum("decode-" in c for _, c, _ in parsed)
     keys = (len(parsed) + full) * len(depths) * args.passkey_tries * sum(n / 1000 * rate["probe"] + 1 for n in lengths)
     adapters = {a for _, _, a in parsed if a}
@@ -349,7 +354,7 @@ def write_rows(path: str, summary: list[dict], args) -> None:
     """``summary`` with the run's provenance and settings in every row."""
     meta = provenance()
     meta["settings"] = json.dumps({k: getattr(args, k) for k in (
-        "model", "part", "window", "sinks", "trials", "distances", "depths", "passkey_tries", "span", "resamples",
+        "model", "part", "window", "sinks", "trials", "distances", "depths", "passkey_tries", "span", "lead", "resamples",
         "prefill_tokens", "prefill_rounds", "sink_sweep", "steps", "seq_len", "lr", "distill_alpha", "temperature",
         "train_config", "ppl_blocks", "quick")})
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -414,7 +419,7 @@ def probes_part(args, parsed, distances: list[int], lengths: list[int], depths: 
                 patch_model(model, backend=args.probe_backend, **options)
             try:
                 start = time.perf_counter()
-                copies += copy_probe(model, ids, distances, args.span, 32, args.trials, 0, label)
+                copies += copy_probe(model, ids, distances, args.span, args.lead, args.trials, 0, label)
                 if lengths:
                     keys += passkey(model, tokenizer, ids, lengths, depths, args.passkey_tries, config=label)
                     if options and options.get("decode", "window") != "window":    # only the answer attends fully
@@ -465,6 +470,8 @@ def main():
         return time_prefill(args)
     spec = MODELS[args.model]
     parsed = expand_rows(args)
+    if args.lead is None:
+        args.lead = 32 + max((options or {}).get("sinks", 0) for options in (options_of(args, c) for _, c, _ in parsed))
     w = args.window
     distances = [int(x) for x in args.distances.split(",")] if args.distances else [w // 2, w, 2 * w, 4 * w, 8 * w]
     lengths = [int(x) for x in args.passkey_lengths.split(",") if x]

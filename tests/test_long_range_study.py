@@ -83,3 +83,19 @@ def test_reach_passing_every_distance_is_a_lower_bound(study):
     assert study.reach_column(rows(1.0, 0.9, 0.8), "c", [128, 256, 512]) == ">=512"
     assert study.reach_column(rows(1.0, 0.4, 0.8), "c", [128, 256, 512]) == "128"
     assert study.reach_column(rows(0.4, 0.9, 0.8), "c", [128, 256, 512]) == "0"
+
+
+def test_the_first_copy_lies_past_every_rows_sinks(study, monkeypatch):
+    """With 128 sinks and a 32-token lead the sinks held the first copy (recall 1.05 at 8W with
+    full layers): the default lead clears the most sinks of any row, the same for every row."""
+    seen = {}
+
+    def stop(args, parsed, *rest):
+        seen["lead"] = args.lead
+    monkeypatch.setattr(study, "probes_part", stop)
+    monkeypatch.setattr("sys.argv", ["x", "--part", "probes"])
+    study.main()
+    assert seen["lead"] == 32 + 128
+    monkeypatch.setattr("sys.argv", ["x", "--part", "probes", "--sink-sweep", "", "--rows", "dense,sinks"])
+    study.main()
+    assert seen["lead"] == 32 + 4
