@@ -329,17 +329,13 @@ def long_range(name="long_range_study.csv"):
         body.append([label, *(_with_interval(r, f"recall_{d}", 2) for d in ("W/2", "2W", "8W")),
                      f"{r['effective_reach']} ({r['receptive_field']})", *keys, r["heldout_ppl"], *speed])
     title = MODEL_TITLES[data[0].get("model") or "smollm2-135m"]
-    notes = ""
-    if '"reuse_adapters": true' in data[0].get("settings", ""):
-        notes = ("\n\n**Adapters not trained in this run**: it reused an earlier run's (`--reuse-adapters`, an option "
-                 "since removed), so its LoRA rows may not match this commit.")
     met, text = long_range_target(name)
     within = ("within the unpatched model's 95 % interval" if any(c.endswith("_lo") for c in data[0])
               else "within one hit of the unpatched model's, as this CSV has no intervals")
     verdict = (f"\n\nTarget (prefill ≥ 1.5x the unpatched model, recall ≥ 0.9 at 8W, passkey at every length "
                f"{within}): {'**met**' if met else '**not met**'}: {text}.")
     return (f"{source(name)}\n\nPrefill: {source(_prefill_name(name))}\n\n{title}, window {data[0]['window']}:\n\n"
-            + table(header, body) + notes + verdict)
+            + table(header, body) + verdict)
 
 
 def long_range_target(name="long_range_study.csv"):
