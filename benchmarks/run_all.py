@@ -27,7 +27,7 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026
     "prefill": (["benchmarks/prefill_scaling.py"], 31),
     "decode": (["benchmarks/cache_decode.py"], 3),
     "dilation": (["benchmarks/dilation.py", "--repeats", "9"], 1),
-    "train": (["benchmarks/train_step.py"], 10),
+    "train": (["benchmarks/train_step.py"], 5),
     "stream_40k": (["-m", "swa_patch.cli", "stream", "--tokens", "40960", "--chunk", "512", "--window", "1020",
                     "--sinks", "4", "--compare", "dense,window,sinks", "--max-tokens", "dense=4096",
                     "--every", "2048", "--threads", "2", "--no-progress", "--csv", f"{R}/stream_smollm2_40k.csv",
@@ -51,9 +51,9 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026
                              "2048", "--threads", "2", "--no-progress", "--csv", f"{R}/stream_gemma3_16k_w1020.csv",
                              "--plot", ""], 6),
     "gemma3_prefill": (["benchmarks/gemma3_prefill.py"], 25),
-    # the long-range study in its two parts (minutes: the study's own estimate until a full run)
-    "long_range_timing": (["benchmarks/long_range_study.py", "--part", "timing"], 63),
-    "long_range": (["benchmarks/long_range_study.py", "--part", "probes"], 112),
+    # the long-range study in its two parts (Gemma's minutes: the study's own estimate, not yet a run)
+    "long_range_timing": (["benchmarks/long_range_study.py", "--part", "timing"], 41),
+    "long_range": (["benchmarks/long_range_study.py", "--part", "probes"], 80),
     "long_range_gemma3_timing": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "timing"], 82),
     "long_range_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes"], 109),
     "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 40),   # 5 paired rounds
