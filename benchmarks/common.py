@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +27,43 @@ def timed(fn, reps: int, warmup: int = 1) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def paired_rounds(fns: dict, rounds: int, baseline: str, prepare=None) -> dict:
+    """Time each callable of ``fns`` (name: no-argument callable) against ``fns[baseline]`` in
+    ``rounds`` paired rounds, every one warmed up alike first.
+
+    Each callable first runs once as a warm-up (its seconds are returned as ``warmup_s``, not
+    counted in the median: they include any compile), then once per round; every other round runs in
+    reverse order so that no callable always follows the same one.  ``prepare(name)``, when given,
+    runs before each call, outside the timed region (e.g. patching the model for that method).
+    Returns per name: ``seconds`` (median over rounds), ``min_s``, ``max_s``, ``warmup_s``,
+    ``rounds`` and the paired speed-up: the median, min and max over rounds of
+    baseline seconds / this callable's seconds in the same round (drift between rounds cancels).
+    """
+    names = list(fns)
+    if baseline not in fns or rounds < 1:
+        raise ValueError(f"baseline must be one of {names} and rounds >= 1, got {baseline!r}, {rounds}")
+
+    def once(name):
+        if prepare:
+            prepare(name)
+        start = time.perf_counter()
+        fns[name]()
+        return time.perf_counter() - start
+
+    warmup = {name: once(name) for name in names}
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(once(name))
+    out = {}
+    for name, ts in times.items():
+        ratios = [b / t for b, t in zip(times[baseline], ts)]
+        out[name] = {"seconds": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+                     "warmup_s": warmup[name], "rounds": rounds, "speedup": statistics.median(ratios),
+                     "speedup_min": min(ratios), "speedup_max": max(ratios)}
+    return out
 
 
 def run_isolated(script: str, args: list[str], env: dict | None = None) -> dict:

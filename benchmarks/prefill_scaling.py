@@ -2,12 +2,17 @@
 mask-based sliding window, measured side by side in one run.
 
 Attention level: n in {2k..32k}, W=512, 8 heads, head dim 64, fp32, batch 1; forward and
-forward+backward seconds and peak process memory (each case in a fresh process).
+forward+backward seconds, and peak process memory (each case's memory in a fresh process).
 Model level: prefill of a SmolLM2-135M-shaped random Llama (30 layers) at 16k tokens with
 W=1024 (and at 512 tokens, n <= W) against the unpatched model and a Mistral of the same
 shape with ``sliding_window=1024`` (transformers' mask-based window).
 
-    python benchmarks/prefill_scaling.py [--quick]      # -> results/prefill_*.csv, *.png
+Timing: every method of one comparison (one n, one mode) runs in one process, warmed up alike
+(one call each, reported as ``warmup_s``: it holds flex's compile), then in paired rounds
+(``common.paired_rounds``): ``seconds`` is the median over rounds with ``min_s``/``max_s``, and
+``speedup_vs_dense`` the median of the per-round ratios dense / method, with its min and max.
+
+    python benchmarks/prefill_scaling.py [--quick]      # -> results/prefill_scaling.csv, .png
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, peak_rss_mb, print_table, run_isolated, timed, write_csv  # noqa: E402
+from common import RESULTS, paired_rounds, peak_rss_mb, print_table, run_isolated, write_csv  # noqa: E402
 
 HEADS, HEAD_DIM, WINDOW = 8, 64, 512
 METHODS = ["dense_sdpa", "hf_sliding_mask", "swa_sdpa", "swa_flex", "swa_eager"]
@@ -48,20 +53,39 @@ def attention_fn(method: str, n: int):
     return ours
 
 
-def one_attention_case(method: str, n: int, mode: str) -> dict:
+def attention_step(method: str, n: int, mode: str):
+    """One call of ``method`` on fixed random q, k, v of length ``n`` (with backward for fwd+bwd)."""
     torch.manual_seed(0)
     grad = mode == "fwd+bwd"
     q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, requires_grad=grad) for _ in range(3))
     fn = attention_fn(method, n)
+
     def step():
         if grad:
             fn(q, k, v).sum().backward()
         else:
             with torch.no_grad():
                 fn(q, k, v)
+    return step
+
+
+def attention_methods(n: int, mode: str) -> list[str]:
+    """The methods compared at ``n``: eager materialises n^2 scores; flex has no CPU backward."""
+    return [m for m in METHODS if not (m == "swa_eager" and n > 4096 or m == "swa_flex" and mode == "fwd+bwd")]
+
+
+def attention_timing(n: int, mode: str, rounds: int) -> dict:
+    """Every method at ``n`` in this one process, paired rounds against dense causal SDPA."""
+    steps = {m: attention_step(m, n, mode) for m in attention_methods(n, mode)}
+    return paired_rounds(steps, rounds, baseline="dense_sdpa")
+
+
+def attention_memory(method: str, n: int, mode: str) -> dict:
+    """Peak resident growth of one call, in a fresh process so the peak is this method's own."""
+    step = attention_step(method, n, mode)
     base = peak_rss_mb()
-    seconds = timed(step, reps=3 if n <= 16384 else 1)
-    return {"seconds": seconds, "peak_mb": peak_rss_mb() - base}
+    step()
+    return {"peak_mb": peak_rss_mb() - base}
 
 
 # ---- one model-level case ----------------------------------------------------------------
@@ -73,18 +97,18 @@ def smollm2_shape(model_type: str, **extra):
 
 
 MODEL_METHODS = ["dense_sdpa", "hf_sliding_mask", "swa_auto", "swa_sdpa", "swa_flex"]
-# Rounds of the short (n <= 4096) model prefill, best kept: a 512-token prefill takes ~1 s and
-# this machine's noise is ~10 % per call; with 5 rounds the same kernel once measured 0.93x
-# and, in 12 rounds of an ad-hoc run, 0.985x.
-MODEL_ROUNDS = 15
+# Paired rounds of the model prefill: a 512-token prefill takes ~0.5 s on noise of ~10 % per call,
+# so the short case (the "no slowdown" target) gets many; a 16k round takes ~4 minutes.
+MODEL_ROUNDS = {512: 15, 4096: 7, 16384: 5}
 
 
-def model_cases(n: int, rounds: int) -> dict:
-    """Seconds per method for one prefill of ``n`` tokens: one Llama that is patched and unpatched
-    in turn (and a Mistral twin for transformers' own window), rounds interleaved, best kept.
-    Every other round runs in reverse order, so no method always follows the same one: with a
-    fixed order, ``auto`` (always right after transformers' window, which frees ~5 GB) once came
-    out 14 % slower than the very same kernel under the name ``sdpa``."""
+def model_timing(n: int, rounds: int) -> dict:
+    """One prefill of ``n`` tokens per method: one Llama, patched per method and unpatched for
+    dense (patching is outside the timed call), and a Mistral twin with the same weights for
+    transformers' own window; every method warmed up, then paired rounds against the unpatched
+    model.  Alternating the order matters: with a fixed one, ``auto`` (always right after
+    transformers' window, which frees ~5 GB) once came out 14 % slower than the very same kernel
+    under the name ``sdpa``."""
     from transformers import AutoModelForCausalLM
     from swa_patch import patch_model, unpatch_model
     torch.manual_seed(0)
@@ -98,78 +122,77 @@ def model_cases(n: int, rounds: int) -> dict:
         with torch.no_grad():
             model(ids, use_cache=False, logits_to_keep=1)
 
-    best = {m: float("inf") for m in MODEL_METHODS}
-    for method in MODEL_METHODS[2:]:                  # warm-up: flex compiles once per shape
-        patch_model(llama, window=1024, backend=method.removeprefix("swa_"))
-        prefill(llama)
-        unpatch_model(llama)
-    for r in range(rounds):
-        for method in MODEL_METHODS if r % 2 == 0 else MODEL_METHODS[::-1]:
-            model = mistral if method == "hf_sliding_mask" else llama
-            if method.startswith("swa_"):
-                patch_model(llama, window=1024, backend=method.removeprefix("swa_"))
-            best[method] = min(best[method], timed(lambda: prefill(model), reps=1, warmup=0))
-            unpatch_model(llama)
-    return {"seconds": best, "peak_mb": peak_rss_mb()}
+    def prepare(method):
+        unpatch_model(llama)          # a no-op on the unpatched model
+        if method.startswith("swa_"):
+            patch_model(llama, window=1024, backend=method.removeprefix("swa_"))
+
+    fns = {m: (lambda: prefill(mistral)) if m == "hf_sliding_mask" else (lambda: prefill(llama))
+           for m in MODEL_METHODS}
+    return paired_rounds(fns, rounds, baseline="dense_sdpa", prepare=prepare)
 
 
 # ---- driver --------------------------------------------------------------------------------
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="n up to 8k, model level at 4k")
+    parser.add_argument("--quick", action="store_true", help="n up to 8k, model level at 4k, 3 rounds (a dry run)")
+    parser.add_argument("--csv", default=os.path.join(RESULTS, "prefill_scaling.csv"),
+                        help="where to write the CSV (the PNG goes beside it)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the CSV")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    png = os.path.splitext(args.csv)[0] + ".png"
     if args.plot_only:
-        return plot(_read_rows(), os.path.join(RESULTS, "prefill_scaling.png"))
+        return plot(_read_rows(args.csv), png)
     if args.child:
-        kind, method, n, *mode = args.child
-        result = (one_attention_case(method, int(n), mode[0]) if kind == "attn"
-                  else model_cases(int(n), int(method)))
-        print(json.dumps(result))
+        kind, *rest = args.child
+        child = {"attn-time": lambda n, mode, rounds: attention_timing(int(n), mode, int(rounds)),
+                 "attn-mem": lambda method, n, mode: attention_memory(method, int(n), mode),
+                 "model": lambda n, rounds: model_timing(int(n), int(rounds))}[kind]
+        print(json.dumps(child(*rest)))
         return
     sizes = [2048, 4096, 8192] if args.quick else [2048, 4096, 8192, 16384, 32768]
     rows = []
     for mode in ("fwd", "fwd+bwd"):
         for n in sizes:
-            dense = None
-            for method in METHODS:
-                if method == "swa_eager" and n > 4096 or method == "swa_flex" and mode == "fwd+bwd":
-                    continue     # eager materialises n^2 scores; flex has no CPU backward
-                r = run_isolated(__file__, ["--child", "attn", method, str(n), mode])
-                if dense is None and method != "dense_sdpa":
-                    raise RuntimeError("dense_sdpa must run first")
-                dense = dense or r["seconds"]
-                rows.append({"level": "attention", "mode": mode, "n": n, "window": WINDOW, "method": method,
-                             **r, "speedup_vs_dense": dense / r["seconds"]})
+            rounds = 3 if args.quick else 7 if n <= 16384 else 5
+            timing = run_isolated(__file__, ["--child", "attn-time", str(n), mode, str(rounds)])
+            for method, t in timing.items():
+                memory = run_isolated(__file__, ["--child", "attn-mem", method, str(n), mode])
+                rows.append(row("attention", mode, n, WINDOW, method, t, memory["peak_mb"]))
                 print_table(rows[-1:], list(rows[-1]))
-    model_n = [512, 4096] if args.quick else [512, 16384]
-    for n in model_n:
-        r = run_isolated(__file__, ["--child", "model", str(MODEL_ROUNDS if n <= 4096 else 2), str(n)])
-        dense = r["seconds"]["dense_sdpa"]
-        for method, seconds in r["seconds"].items():
-            rows.append({"level": "model", "mode": "prefill", "n": n, "window": 1024, "method": method,
-                         "seconds": seconds, "peak_mb": None, "speedup_vs_dense": dense / seconds})
+    for n in [512, 4096] if args.quick else [512, 16384]:
+        timing = run_isolated(__file__, ["--child", "model", str(n), str(3 if args.quick else MODEL_ROUNDS[n])])
+        for method, t in timing.items():
+            rows.append(row("model", "prefill", n, 1024, method, t, None))
             print_table(rows[-1:], list(rows[-1]))
     order = METHODS + MODEL_METHODS
     rows.sort(key=lambda r: (r["level"] == "model", r["mode"] != "fwd", r["n"], order.index(r["method"])))
-    path = os.path.join(RESULTS, "prefill_scaling.csv")
-    write_csv(path, rows)
+    write_csv(args.csv, rows)
     print()
-    print_table(rows, ["level", "mode", "n", "method", "seconds", "peak_mb", "speedup_vs_dense"])
-    plot(rows, os.path.join(RESULTS, "prefill_scaling.png"))
-    print(f"wrote {path} and prefill_scaling.png")
+    print_table(rows, ["level", "mode", "n", "method", "seconds", "min_s", "max_s", "warmup_s", "peak_mb",
+                       "speedup_vs_dense", "speedup_min", "speedup_max"])
+    plot(rows, png)
+    print(f"wrote {args.csv} and {png}")
 
 
-def _read_rows() -> list[dict]:
+def row(level, mode, n, window, method, t: dict, peak_mb) -> dict:
+    """One CSV row from :func:`common.paired_rounds`' result ``t`` for ``method``."""
+    return {"level": level, "mode": mode, "n": n, "window": window, "method": method,
+            "seconds": t["seconds"], "min_s": t["min_s"], "max_s": t["max_s"], "warmup_s": t["warmup_s"],
+            "rounds": t["rounds"], "peak_mb": peak_mb, "speedup_vs_dense": t["speedup"],
+            "speedup_min": t["speedup_min"], "speedup_max": t["speedup_max"]}
+
+
+def _read_rows(path) -> list[dict]:
     import csv
-    with open(os.path.join(RESULTS, "prefill_scaling.csv")) as f:
+    with open(path) as f:
         rows = list(csv.DictReader(f))
-    keep = ("level", "mode", "n", "window", "method", "seconds", "peak_mb", "speedup_vs_dense")
-    rows = [{k: r[k] for k in keep} for r in rows]
+    numbers = ("seconds", "min_s", "max_s", "peak_mb", "speedup_vs_dense")
+    rows = [{k: r[k] for k in ("level", "mode", "n", "window", "method", *numbers)} for r in rows]
     for r in rows:
         r["n"], r["window"] = int(r["n"]), int(r["window"])
-        for k in ("seconds", "peak_mb", "speedup_vs_dense"):
+        for k in numbers:
             r[k] = float(r[k]) if r[k] not in ("", "None") else None
     return rows
 
@@ -185,9 +208,14 @@ def plot(rows, path):
                    and r["method"] == method]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method, color=f"C{color}")
+            if pts and metric == "seconds":     # the spread over paired rounds
+                spread = [(r["n"], r["min_s"], r["max_s"]) for r in rows if r["level"] == "attention"
+                          and r["mode"] == mode and r["method"] == method]
+                ax.fill_between(*zip(*spread), color=f"C{color}", alpha=0.25)
         ax.legend(fontsize=8)
         ax.set(xscale="log", yscale="log", xlabel="sequence length n",
-               ylabel=metric, title=f"attention {mode}: {metric} (W={WINDOW}, 8 heads, d=64)")
+               ylabel=metric, title=f"attention {mode}: {metric} (W={WINDOW}, 8 heads, d=64)"
+               + ("\nmedian of paired rounds, band min–max" if metric == "seconds" else ""))
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -255,3 +255,32 @@ def test_long_range_tables_show_intervals_and_name_the_closest_row(report, resul
     write(path, data)
     met, line = report.long_range_target("long_range_study_gemma3.csv")
     assert met == [] and "passkey 4k 4/10 below the unpatched model's interval [0.50, 1.00] by 0.10" in line
+
+
+def test_paired_rounds_warms_every_callable_alike_and_alternates_the_order():
+    """Every callable gets one warm-up call before any timed round, ``prepare`` runs before each
+    call, rounds alternate forward and reverse order, and the ratios are paired per round (so the
+    baseline's own speed-up is exactly 1 and a callable that is always twice as slow reads 0.5)."""
+    spec = importlib.util.spec_from_file_location("common", ROOT / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    calls, clock = [], [0.0]
+    cost = {"dense": 2.0, "fast": 1.0, "slow": 4.0}
+
+    def fake(name):
+        def run():
+            calls.append(name)
+            clock[0] += cost[name]
+        return run
+
+    prepared = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(common.time, "perf_counter", lambda: clock[0])
+        out = common.paired_rounds({n: fake(n) for n in cost}, rounds=3, baseline="dense", prepare=prepared.append)
+    assert calls == ["dense", "fast", "slow"] * 2 + ["slow", "fast", "dense"] + ["dense", "fast", "slow"]
+    assert prepared == calls
+    assert {n: (r["speedup"], r["speedup_min"], r["speedup_max"], r["rounds"]) for n, r in out.items()} == {
+        "dense": (1.0, 1.0, 1.0, 3), "fast": (2.0, 2.0, 2.0, 3), "slow": (0.5, 0.5, 0.5, 3)}
+    assert out["slow"]["seconds"] == out["slow"]["warmup_s"] == 4.0
+    with pytest.raises(ValueError, match="baseline"):
+        common.paired_rounds({"a": fake("fast")}, rounds=1, baseline="dense")
