@@ -6,9 +6,9 @@ Runs each benchmark below in turn from this checkout (run it from a clean one, e
 ``git worktree``, so the commit each CSV records is the code it measured), prints how long each
 took, then ``benchmarks/report.py``'s tables.  Every CSV carries its command, commit, date,
 machine and versions.  The figures are side-by-side ratios on a shared machine: re-running
-reproduces them within the noise the README states, not to the digit.  Expect ~1 hour on 2
-cores, plus ~4 h for the long-range study on SmolLM2 and ~5 h on Gemma-3-270M (the study prints its
-own estimate when it starts).  attention_sinks_compare needs a virtualenv with
+reproduces them within the noise the README states, not to the digit.  Expect ~1.5 hours on 2
+cores, plus ~2 h for the long-range study on SmolLM2 (both parts) and ~3 h estimated on Gemma-3-270M
+(the study prints its own estimate when it starts; CONTRIBUTING.md has the minutes of each).  attention_sinks_compare needs a virtualenv with
 attention-sinks 0.4 (``--venv``; skipped without one); the GPU figures come from gpu_check.py.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026
     "gemma3_prefill": (["benchmarks/gemma3_prefill.py"], 25),
     # the long-range study in its two parts (Gemma's minutes: the study's own estimate, not yet a run)
     "long_range_timing": (["benchmarks/long_range_study.py", "--part", "timing"], 41),
-    "long_range": (["benchmarks/long_range_study.py", "--part", "probes"], 80),
+    "long_range": (["benchmarks/long_range_study.py", "--part", "probes"], 86),
     "long_range_gemma3_timing": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "timing"], 82),
     "long_range_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes"], 109),
     "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 40),   # 5 paired rounds
