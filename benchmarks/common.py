@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: timing, peak memory in a fresh process, CSV and plots."""
+"""Shared benchmark plumbing: paired timing rounds, peak memory in a fresh process, CSV and tables."""
 from __future__ import annotations
 
 import csv
@@ -15,18 +15,6 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def timed(fn, reps: int, warmup: int = 1) -> float:
-    """Best of ``reps`` wall-clock seconds after ``warmup`` calls (shared machines are noisy)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def paired_rounds(fns: dict, rounds: int, baseline: str, prepare=None) -> dict:
