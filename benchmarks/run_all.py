@@ -24,7 +24,7 @@ ROOT = os.path.dirname(HERE)
 R = "benchmarks/results"
 
 BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026-11-28)
-    "prefill": (["benchmarks/prefill_scaling.py"], 45),   # estimate (paired rounds)
+    "prefill": (["benchmarks/prefill_scaling.py"], 44),
     "decode": (["benchmarks/cache_decode.py"], 3),
     "dilation": (["benchmarks/dilation.py", "--repeats", "9"], 1),
     "train": (["benchmarks/train_step.py"], 5),
