@@ -26,6 +26,7 @@ R = "benchmarks/results"
 BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026-11-28)
     "prefill": (["benchmarks/prefill_scaling.py"], 44),
     "decode": (["benchmarks/cache_decode.py"], 3),
+    "decode_after_long_prefill": (["benchmarks/decode_after_long_prefill.py"], 5),
     "dilation": (["benchmarks/dilation.py", "--repeats", "9"], 1),
     "train": (["benchmarks/train_step.py"], 5),
     "stream_40k": (["-m", "swa_patch.cli", "stream", "--tokens", "40960", "--chunk", "512", "--window", "1020",
@@ -50,7 +51,7 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026
                              "--chunk", "512", "--window", "1020", "--sinks", "4", "--compare", "sinks", "--every",
                              "2048", "--threads", "2", "--no-progress", "--csv", f"{R}/stream_gemma3_16k_w1020.csv",
                              "--plot", ""], 6),
-    "gemma3_prefill": (["benchmarks/gemma3_prefill.py"], 25),
+    "gemma3_prefill": (["benchmarks/gemma3_prefill.py"], 19),
     # the long-range study in its two parts (Gemma's minutes: the study's own estimate, not yet a run)
     "long_range_timing": (["benchmarks/long_range_study.py", "--part", "timing"], 41),
     "long_range": (["benchmarks/long_range_study.py", "--part", "probes"], 86),
