@@ -26,7 +26,7 @@ R = "benchmarks/results"
 BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026-11-28)
     "prefill": (["benchmarks/prefill_scaling.py"], 44),
     "decode": (["benchmarks/cache_decode.py"], 3),
-    "decode_after_long_prefill": (["benchmarks/decode_after_long_prefill.py"], 5),
+    "decode_after_long_prefill": (["benchmarks/decode_after_long_prefill.py"], 4),
     "dilation": (["benchmarks/dilation.py", "--repeats", "9"], 1),
     "train": (["benchmarks/train_step.py"], 5),
     "stream_40k": (["-m", "swa_patch.cli", "stream", "--tokens", "40960", "--chunk", "512", "--window", "1020",
