@@ -161,9 +161,8 @@ def prefill():
                    f"timed call:\n\n" + table(["n"] + methods, body))
     model = [r for r in data if r["level"] == "model"]
     if model:
-        body = [[r["n"], r["method"], f(r["seconds"], 2) + _min_max(r, "min_s", "max_s", 2),
-                 f(r["warmup_s"], 2) if r.get("warmup_s") else "–", _xr(r, digits=2), r.get("rounds", "–")]
-                for r in model]
+        body = [[r["n"], r["method"], f(r["seconds"], 2) + _min_max(r, "min_s", "max_s", 2), f(r["warmup_s"], 2),
+                 _xr(r, digits=2), r["rounds"]] for r in model]
         out.append("Model-level prefill, SmolLM2-135M-shaped random Llama (30 layers), W=1024 "
                    "(`hf_sliding_mask`: a Mistral of the same shape with `sliding_window=1024`): "
                    + _timing_method(data, "model") + ":\n\n"
@@ -173,20 +172,16 @@ def prefill():
 
 
 def _attention_cell(r) -> str:
-    warmup = f"; warm-up {f(r['warmup_s'], 2)} s" if r.get("warmup_s") else ""
-    return f"{f(r['seconds'], 3)} s ({_xr(r)}{warmup}; {f(r['peak_mb'], 0)} MB)"
+    return f"{f(r['seconds'], 3)} s ({_xr(r)}; warm-up {f(r['warmup_s'], 2)} s; {f(r['peak_mb'], 0)} MB)"
 
 
 def _min_max(r, lo, hi, digits) -> str:
-    """`` [lo–hi]`` from a row's columns, or nothing for a CSV written before rounds were paired."""
-    return f" [{f(r[lo], digits)}–{f(r[hi], digits)}]" if r.get(lo) else ""
+    return f" [{f(r[lo], digits)}–{f(r[hi], digits)}]"
 
 
 def _timing_method(data, level) -> str:
-    """How the CSV's seconds were taken: paired rounds (their count), or a best-of older CSV."""
-    counts = sorted({int(r["rounds"]) for r in data if r["level"] == level and r.get("rounds")})
-    if not counts:
-        return "best-of seconds (a CSV written before rounds were paired)"
+    """How the CSV's seconds were taken (``common.paired_rounds``), with the rounds' count."""
+    counts = sorted({int(r["rounds"]) for r in data if r["level"] == level})
     rounds = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else str(counts[0])
     return (f"median seconds of {rounds} paired rounds after one warm-up call each, speed-up the median of "
             "the per-round ratios [min–max], first-call seconds (warm-up, flex's compile included)")
@@ -462,12 +457,8 @@ def t_short():
     # kernel the unpatched model runs (plain causal SDPA), so a reading above 1x is noise.
     return (min(_ratio(r) for r in short) >= 0.95,
             "; ".join(f"{r['method'].removeprefix('swa_')} {_xr(r, digits=3)}" for r in short)
-            + f" (n=512, W=1024, {_rounds_text(short[0])}; sdpa and auto run the unpatched "
+            + f" (n=512, W=1024, median of {short[0]['rounds']} paired rounds; sdpa and auto run the unpatched "
             "model's kernel here)")
-
-
-def _rounds_text(r) -> str:
-    return f"median of {r['rounds']} paired rounds" if r.get("rounds") else "best of 15 rounds"
 
 
 def t_stream():
