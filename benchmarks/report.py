@@ -42,8 +42,14 @@ def pick(data, **match):
 
 
 # The code each CSV measures: a change to any of these after the CSV's commit makes it stale.
-ATTENTION = ("swa_patch/attention.py", "swa_patch/masks.py", "swa_patch/backends")
+# PATCH: what patch_model itself runs (every benchmark patches through it); REAL: the loader of
+# the real models (SmolLM2, Gemma-3-270M); STREAM: the `swa-patch stream` command.
+PATCH = ("swa_patch/__init__.py", "swa_patch/patch.py", "swa_patch/state.py", "swa_patch/config.py",
+         "swa_patch/schedules.py", "swa_patch/families.py", "swa_patch/compat.py")
+ATTENTION = PATCH + ("swa_patch/attention.py", "swa_patch/masks.py", "swa_patch/backends")
 CACHE = ATTENTION + ("swa_patch/cache.py", "swa_patch/generation.py", "swa_patch/rope.py")
+REAL = ("swa_patch/models.py",)
+STREAM = REAL + ("swa_patch/streaming.py", "swa_patch/commands.py")
 MEASURES = {
     "prefill_scaling.csv": ATTENTION + ("benchmarks/prefill_scaling.py",),
     "varying_prompts.csv": ATTENTION + ("benchmarks/varying_prompts.py",),
@@ -51,28 +57,27 @@ MEASURES = {
     "receptive.csv": ATTENTION + ("swa_patch/receptive.py", "benchmarks/dilation.py"),
     "train_step.csv": ATTENTION + ("benchmarks/train_step.py",),
     "cache_decode.csv": CACHE + ("benchmarks/cache_decode.py",),
-    "compiled_decode.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/compiled_decode.py"),
-    "decode_after_long_prefill.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/decode_after_long_prefill.py"),
-    "speculative.csv": CACHE + ("benchmarks/speculative.py",),
-    "streaming_demo.csv": CACHE + ("swa_patch/streaming.py", "examples/streaming_demo.py"),
-    "stream_smollm2_40k.csv": CACHE + ("swa_patch/streaming.py",),
-    "stream_gemma3_40k.csv": CACHE + ("swa_patch/streaming.py",),
-    "streaming_demo_gemma3.csv": CACHE + ("swa_patch/streaming.py", "examples/streaming_demo.py"),
-    "gemma3_prefill.csv": CACHE + ("benchmarks/gemma3_prefill.py",),
-    "stream_gemma3_16k_w1020.csv": CACHE + ("swa_patch/streaming.py",),
-    "stream_chunked_vs_tbt.csv": CACHE + ("swa_patch/streaming.py", "benchmarks/stream_chunked.py"),
-    "attention_sinks_compare.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/attention_sinks_compare.py",
-                                            "benchmarks/attention_sinks_side.py"),
+    "compiled_decode.csv": CACHE + REAL + ("swa_patch/static_cache.py", "benchmarks/compiled_decode.py"),
+    "decode_after_long_prefill.csv": CACHE + REAL + ("swa_patch/static_cache.py",
+                                                     "benchmarks/decode_after_long_prefill.py"),
+    "speculative.csv": CACHE + REAL + ("benchmarks/speculative.py",),
+    "streaming_demo.csv": CACHE + REAL + ("swa_patch/streaming.py", "examples/streaming_demo.py"),
+    "stream_smollm2_40k.csv": CACHE + STREAM,
+    "stream_gemma3_40k.csv": CACHE + STREAM,
+    "streaming_demo_gemma3.csv": CACHE + REAL + ("swa_patch/streaming.py", "examples/streaming_demo.py"),
+    "gemma3_prefill.csv": CACHE + REAL + ("benchmarks/gemma3_prefill.py",),
+    "stream_gemma3_16k_w1020.csv": CACHE + STREAM,
+    "stream_chunked_vs_tbt.csv": CACHE + REAL + ("swa_patch/streaming.py", "benchmarks/stream_chunked.py"),
+    "attention_sinks_compare.csv": CACHE + REAL + ("swa_patch/static_cache.py", "benchmarks/attention_sinks_compare.py",
+                                                   "benchmarks/attention_sinks_side.py"),
     "smollm2_window_finetune.csv": ATTENTION + ("recipes", "benchmarks/smollm2_window_finetune.py"),
-    "long_range_study.csv": CACHE + ("swa_patch/retrieval.py", "recipes", "benchmarks/long_range_study.py"),
-    "long_range_study_gemma3.csv": CACHE + ("swa_patch/retrieval.py", "swa_patch/models.py", "recipes",
-                                            "benchmarks/long_range_study.py"),
-    "long_range_study_prefill.csv": CACHE + ("swa_patch/retrieval.py", "benchmarks/long_range_study.py"),
-    "long_range_study_gemma3_prefill.csv": CACHE + ("swa_patch/retrieval.py", "swa_patch/models.py",
-                                                    "benchmarks/long_range_study.py"),
+    "long_range_study.csv": CACHE + REAL + ("swa_patch/retrieval.py", "recipes", "benchmarks/long_range_study.py"),
+    "long_range_study_gemma3.csv": CACHE + REAL + ("swa_patch/retrieval.py", "recipes", "benchmarks/long_range_study.py"),
+    "long_range_study_prefill.csv": CACHE + REAL + ("swa_patch/retrieval.py", "benchmarks/long_range_study.py"),
+    "long_range_study_gemma3_prefill.csv": CACHE + REAL + ("swa_patch/retrieval.py", "benchmarks/long_range_study.py"),
     "gpu_check_h200.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/gpu_check.py"),
-    "vllm_roundtrip.csv": ATTENTION + ("swa_patch/export.py", "swa_patch/families.py", "swa_patch/checkpoint.py",
-                                       "swa_patch/verify.py", "swa_patch/_vllm_driver.py", "benchmarks/vllm_roundtrip.py"),
+    "vllm_roundtrip.csv": ATTENTION + REAL + ("swa_patch/export.py", "swa_patch/checkpoint.py", "swa_patch/verify.py",
+                                              "swa_patch/_vllm_driver.py", "benchmarks/vllm_roundtrip.py"),
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
