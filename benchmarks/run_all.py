@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 R = "benchmarks/results"
 
-BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026-11-28)
+BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
     "prefill": (["benchmarks/prefill_scaling.py"], 44),
     "decode": (["benchmarks/cache_decode.py"], 3),
     "decode_after_long_prefill": (["benchmarks/decode_after_long_prefill.py"], 4),
@@ -33,10 +33,10 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026
     "stream_40k": (["-m", "swa_patch.cli", "stream", "--tokens", "40960", "--chunk", "512", "--window", "1020",
                     "--sinks", "4", "--compare", "dense,window,sinks", "--max-tokens", "dense=4096",
                     "--every", "2048", "--threads", "2", "--no-progress", "--csv", f"{R}/stream_smollm2_40k.csv",
-                    "--plot", f"{R}/stream_smollm2_40k.png"], 6),
-    "stream_chunked": (["benchmarks/stream_chunked.py"], 3),
+                    "--plot", f"{R}/stream_smollm2_40k.png"], 5),
+    "stream_chunked": (["benchmarks/stream_chunked.py"], 2),
     "finetune": (["benchmarks/smollm2_window_finetune.py"], 3),
-    "varying_prompts": (["benchmarks/varying_prompts.py"], 3),
+    "varying_prompts": (["benchmarks/varying_prompts.py"], 2),
     "compiled_decode": (["benchmarks/compiled_decode.py"], 8),
     "speculative": (["benchmarks/speculative.py"], 10),
     "demo": (["examples/streaming_demo.py", "--csv", f"{R}/streaming_demo.csv", "--plot", f"{R}/streaming_demo.png",
@@ -51,7 +51,7 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here, 2026
     "gemma3_stream_w1020": (["-m", "swa_patch.cli", "stream", "--model", "gemma3", "--all-layers", "--tokens", "16384",
                              "--chunk", "512", "--window", "1020", "--sinks", "4", "--compare", "sinks", "--every",
                              "2048", "--threads", "2", "--no-progress", "--csv", f"{R}/stream_gemma3_16k_w1020.csv",
-                             "--plot", ""], 6),
+                             "--plot", ""], 3),
     "gemma3_prefill": (["benchmarks/gemma3_prefill.py"], 19),
     # the long-range study in its two parts; Gemma without the sink sweep (SmolLM2 has it): its 13 rows
     # would take ~2.7 h of probes here, its 7 rows took 65 min
