@@ -62,7 +62,7 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
                                   "--sink-sweep", ""], 34),
     "long_range_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes",
                            "--sink-sweep", ""], 65),
-    "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 40),   # 5 paired rounds
+    "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 39),   # 5 paired rounds
     "vllm_roundtrip": (["benchmarks/vllm_roundtrip.py"], 10),   # not timed: log-probabilities served by vLLM
 }
 
