@@ -8,7 +8,8 @@ from the code) only.
 Each block (in the README and the docs pages, :data:`PAGES`) sits between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``;
 NAME is a key of :data:`SECTIONS`.  Every table says which command, commit, machine and
 versions produced its CSV (the CSV's provenance columns), so a figure can be traced to one run,
-and is marked **stale** when a file it measures (:data:`MEASURES`) changed in a later commit.
+and is marked **stale** when a file it measures (:data:`MEASURES`) changed in a later commit
+(a commit in :data:`REVIEWED` is named instead).
 """
 from __future__ import annotations
 
@@ -50,45 +51,87 @@ ATTENTION = PATCH + ("swa_patch/attention.py", "swa_patch/masks.py", "swa_patch/
 CACHE = ATTENTION + ("swa_patch/cache.py", "swa_patch/generation.py", "swa_patch/rope.py")
 REAL = ("swa_patch/models.py",)
 STREAM = REAL + ("swa_patch/streaming.py", "swa_patch/commands.py")
+# COMMON: the benchmarks' shared timing rounds, fresh-process memory and provenance, for every script that
+# imports it (tests/test_report.py checks each script's benchmarks/ imports are listed).
+COMMON = ("benchmarks/common.py",)
+STUDY = CACHE + REAL + COMMON + ("swa_patch/retrieval.py", "benchmarks/long_range_study.py")
 MEASURES = {
-    "prefill_scaling.csv": ATTENTION + ("benchmarks/prefill_scaling.py",),
-    "varying_prompts.csv": ATTENTION + ("benchmarks/varying_prompts.py",),
+    "prefill_scaling.csv": ATTENTION + COMMON + ("benchmarks/prefill_scaling.py",),
+    "varying_prompts.csv": ATTENTION + COMMON + ("benchmarks/varying_prompts.py",),
     "dilation.csv": ATTENTION + ("benchmarks/dilation.py",),
     "receptive.csv": ATTENTION + ("swa_patch/receptive.py", "benchmarks/dilation.py"),
-    "train_step.csv": ATTENTION + ("benchmarks/train_step.py",),
-    "cache_decode.csv": CACHE + ("benchmarks/cache_decode.py",),
-    "compiled_decode.csv": CACHE + REAL + ("swa_patch/static_cache.py", "benchmarks/compiled_decode.py"),
-    "decode_after_long_prefill.csv": CACHE + REAL + ("swa_patch/static_cache.py",
-                                                     "benchmarks/decode_after_long_prefill.py"),
-    "speculative.csv": CACHE + REAL + ("benchmarks/speculative.py",),
+    "train_step.csv": ATTENTION + COMMON + ("benchmarks/train_step.py", "benchmarks/plot_train_step.py"),
+    "cache_decode.csv": CACHE + COMMON + ("benchmarks/cache_decode.py",),
+    "compiled_decode.csv": CACHE + REAL + COMMON + ("swa_patch/static_cache.py", "benchmarks/compiled_decode.py"),
+    "decode_after_long_prefill.csv": CACHE + REAL + COMMON + ("swa_patch/static_cache.py",
+                                                              "benchmarks/decode_after_long_prefill.py"),
+    "speculative.csv": CACHE + REAL + COMMON + ("benchmarks/speculative.py",),
     "streaming_demo.csv": CACHE + REAL + ("swa_patch/streaming.py", "examples/streaming_demo.py"),
     "stream_smollm2_40k.csv": CACHE + STREAM,
     "stream_gemma3_40k.csv": CACHE + STREAM,
     "streaming_demo_gemma3.csv": CACHE + REAL + ("swa_patch/streaming.py", "examples/streaming_demo.py"),
-    "gemma3_prefill.csv": CACHE + REAL + ("benchmarks/gemma3_prefill.py",),
+    "gemma3_prefill.csv": CACHE + REAL + COMMON + ("benchmarks/gemma3_prefill.py",),
     "stream_gemma3_16k_w1020.csv": CACHE + STREAM,
-    "stream_chunked_vs_tbt.csv": CACHE + REAL + ("swa_patch/streaming.py", "benchmarks/stream_chunked.py"),
-    "attention_sinks_compare.csv": CACHE + REAL + ("swa_patch/static_cache.py", "benchmarks/attention_sinks_compare.py",
-                                                   "benchmarks/attention_sinks_side.py"),
+    "stream_chunked_vs_tbt.csv": CACHE + REAL + COMMON + ("swa_patch/streaming.py", "benchmarks/stream_chunked.py"),
+    "attention_sinks_compare.csv": CACHE + REAL + COMMON + ("swa_patch/static_cache.py",
+                                                            "benchmarks/attention_sinks_compare.py",
+                                                            "benchmarks/attention_sinks_side.py"),
     "smollm2_window_finetune.csv": ATTENTION + ("recipes", "benchmarks/smollm2_window_finetune.py"),
-    "long_range_study.csv": CACHE + REAL + ("swa_patch/retrieval.py", "recipes", "benchmarks/long_range_study.py"),
-    "long_range_study_gemma3.csv": CACHE + REAL + ("swa_patch/retrieval.py", "recipes", "benchmarks/long_range_study.py"),
-    "long_range_study_prefill.csv": CACHE + REAL + ("swa_patch/retrieval.py", "benchmarks/long_range_study.py"),
-    "long_range_study_gemma3_prefill.csv": CACHE + REAL + ("swa_patch/retrieval.py", "benchmarks/long_range_study.py"),
+    "long_range_study.csv": STUDY + ("recipes",),
+    "long_range_study_gemma3.csv": STUDY + ("recipes",),
+    "long_range_study_prefill.csv": STUDY,
+    "long_range_study_gemma3_prefill.csv": STUDY,
     "gpu_check_h200.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/gpu_check.py"),
-    "vllm_roundtrip.csv": ATTENTION + REAL + ("swa_patch/export.py", "swa_patch/checkpoint.py", "swa_patch/verify.py",
-                                              "swa_patch/_vllm_driver.py", "benchmarks/vllm_roundtrip.py"),
+    "vllm_roundtrip.csv": ATTENTION + REAL + COMMON + ("swa_patch/export.py", "swa_patch/checkpoint.py",
+                                                       "swa_patch/verify.py", "swa_patch/_vllm_driver.py",
+                                                       "benchmarks/vllm_roundtrip.py"),
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def changed_since(name, commit):
-    """The files :data:`MEASURES` lists for ``name`` that commits after ``commit`` changed (up to
-    HEAD), or None when ``commit`` is not in this checkout's history."""
-    commit = commit.removesuffix("+dirty")
-    out = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *MEASURES[name]], cwd=ROOT,
-                         capture_output=True, text=True)
+# Commits that changed a measured file and were read and found not to change what any CSV measured
+# before them shows (as git's blame.ignoreRevs does for blame): file -> {commit: why}.  A table is not
+# marked stale for them, and its provenance line names them.  tests/test_report.py checks that each
+# commit exists and changed that file.
+REVIEWED = {
+    "benchmarks/common.py": {
+        "e92908d": "adds paired_rounds(), which no script measured before it could call",
+        "c84e3d4": "drops timed(), which no benchmark called any more",
+    },
+}
+
+
+def _git(*args):
+    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
     return out.stdout.split() if out.returncode == 0 else None
+
+
+def _reviewed(path, full_hash):
+    return any(full_hash.startswith(c) for c in REVIEWED.get(path, {}))
+
+
+def changes_since(name, commit):
+    """``(changed, reviewed)``: the files :data:`MEASURES` lists for ``name`` that commits after
+    ``commit`` changed (up to HEAD), and the :data:`REVIEWED` commits left out of that (a file whose
+    every change since is reviewed is not changed); None when ``commit`` is not in this history."""
+    commit = commit.removesuffix("+dirty")
+    files = _git("diff", "--name-only", commit, "HEAD", "--", *MEASURES[name])
+    if files is None:
+        return None
+    changed, reviewed = [], []
+    for path in files:
+        commits = _git("log", "--format=%H", f"{commit}..HEAD", "--", path)
+        if all(_reviewed(path, c) for c in commits):
+            reviewed += [(path, c[:7]) for c in commits]
+        else:
+            changed.append(path)
+    return changed, reviewed
+
+
+def changed_since(name, commit):
+    """The files of ``name`` changed after ``commit`` (see :func:`changes_since`), or None."""
+    changes = changes_since(name, commit)
+    return None if changes is None else changes[0]
 
 
 def source(name):
@@ -103,12 +146,16 @@ def source(name):
     threads = f", {r['threads']} thread{'' if r.get('threads') == '1' else 's'}" if r.get("threads") else ""
     line = (f"`{name}`: `{r['command']}` at {r['commit']} ({r['date']}; {r['machine']}{threads}; "
             f"torch {r['torch']}, transformers {r['transformers']})")
-    changed = changed_since(name, r["commit"])
-    if changed is None:
+    changes = changes_since(name, r["commit"])
+    if changes is None:
         return f"{line}. **Stale?** commit {r['commit']} is not in this history"
+    changed, reviewed = changes
     if changed:
         files = ", ".join(f"`{f}`" for f in changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         return f"{line}. **Stale**: measured at {r['commit']}; changed since: {files}"
+    if reviewed:
+        line += ". Changed since, reviewed as not what it measures: " + ", ".join(
+            f"`{path}` {c} ({REVIEWED[path][next(k for k in REVIEWED[path] if c.startswith(k))]})" for path, c in reviewed)
     return line
 
 

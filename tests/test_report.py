@@ -155,6 +155,40 @@ def test_a_table_older_than_its_code_is_marked_stale(report, results):
     assert all("swa_patch/patch.py" in files for files in report.MEASURES.values()), "patch_model runs in every one"
 
 
+def test_every_benchmarks_module_a_script_imports_is_measured(report):
+    """A script's figures depend on the benchmarks/ helpers it imports (common.py: timing rounds,
+    fresh-process memory, provenance): a change there must mark its table stale too."""
+    import ast
+
+    helpers = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    for name, files in report.MEASURES.items():
+        for script in (f for f in files if f.startswith(("benchmarks/", "examples/")) and f.endswith(".py")):
+            tree = ast.parse((ROOT / script).read_text())
+            imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+            needed = {f"benchmarks/{m.split('.')[-1]}.py" for m in imported if m.split(".")[-1] in helpers}
+            assert needed <= set(files), f"{name}: {script} imports {sorted(needed - set(files))}, not in MEASURES"
+    assert "benchmarks/common.py" in report.MEASURES["long_range_study.csv"]
+
+
+def test_a_reviewed_change_is_named_and_any_other_change_still_marks_stale(report):
+    import subprocess
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout  # noqa: E731
+    for path, commits in report.REVIEWED.items():
+        for commit, why in commits.items():
+            assert why and path in git("show", "--name-only", "--format=", commit).split(), (path, commit)
+    before = "c84e3d4~1"       # common.py changed after this commit (c84e3d4 dropped timed())
+    since = git("log", "--format=%H", f"{before}..HEAD", "--", "benchmarks/common.py").split()
+    assert since
+    report.REVIEWED = {"benchmarks/common.py": {c[:9]: "reviewed" for c in since}}
+    changed, reviewed = report.changes_since("varying_prompts.csv", before)
+    assert "benchmarks/common.py" not in changed and ("benchmarks/common.py", since[0][:7]) in reviewed
+    report.REVIEWED = {"benchmarks/common.py": {c[:9]: "reviewed" for c in since[1:]}}   # one left unreviewed
+    changed, reviewed = report.changes_since("varying_prompts.csv", before)
+    assert "benchmarks/common.py" in changed and not any(p == "benchmarks/common.py" for p, _ in reviewed)
+
+
 def test_attention_sinks_is_judged_on_the_median_paired_speedup(report, results):
     """The comparison's CSV as benchmarks/attention_sinks_compare.py writes it now (medians of paired
     rounds, spread, warm-up): the target reads the median, a best round cannot meet it; an older CSV
