@@ -107,7 +107,8 @@ def _git(*args):
 
 
 def _reviewed(path, full_hash):
-    return any(full_hash.startswith(c) for c in REVIEWED.get(path, {}))
+    """The :data:`REVIEWED` key of ``path`` that names this commit, or None."""
+    return next((c for c in REVIEWED.get(path, {}) if full_hash.startswith(c)), None)
 
 
 def changes_since(name, commit):
@@ -120,9 +121,9 @@ def changes_since(name, commit):
         return None
     changed, reviewed = [], []
     for path in files:
-        commits = _git("log", "--format=%H", f"{commit}..HEAD", "--", path)
-        if all(_reviewed(path, c) for c in commits):
-            reviewed += [(path, c[:7]) for c in commits]
+        keys = [_reviewed(path, c) for c in _git("log", "--format=%H", f"{commit}..HEAD", "--", path)]
+        if keys and None not in keys:      # no commits: the tree differs some other way, so changed
+            reviewed += [(path, key) for key in keys]
         else:
             changed.append(path)
     return changed, reviewed
@@ -155,7 +156,7 @@ def source(name):
         return f"{line}. **Stale**: measured at {r['commit']}; changed since: {files}"
     if reviewed:
         line += ". Changed since, reviewed as not what it measures: " + ", ".join(
-            f"`{path}` {c} ({REVIEWED[path][next(k for k in REVIEWED[path] if c.startswith(k))]})" for path, c in reviewed)
+            f"`{path}` {key} ({REVIEWED[path][key]})" for path, key in reviewed)
     return line
 
 

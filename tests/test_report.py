@@ -183,7 +183,7 @@ def test_a_reviewed_change_is_named_and_any_other_change_still_marks_stale(repor
     assert since
     report.REVIEWED = {"benchmarks/common.py": {c[:9]: "reviewed" for c in since}}
     changed, reviewed = report.changes_since("varying_prompts.csv", before)
-    assert "benchmarks/common.py" not in changed and ("benchmarks/common.py", since[0][:7]) in reviewed
+    assert "benchmarks/common.py" not in changed and ("benchmarks/common.py", since[0][:9]) in reviewed
     report.REVIEWED = {"benchmarks/common.py": {c[:9]: "reviewed" for c in since[1:]}}   # one left unreviewed
     changed, reviewed = report.changes_since("varying_prompts.csv", before)
     assert "benchmarks/common.py" in changed and not any(p == "benchmarks/common.py" for p, _ in reviewed)
