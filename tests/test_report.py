@@ -172,14 +172,11 @@ def test_every_benchmarks_module_a_script_imports_is_measured(report):
 
 
 def test_a_reviewed_change_is_named_and_any_other_change_still_marks_stale(report):
-    import subprocess
-
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout  # noqa: E731
     for path, commits in report.REVIEWED.items():
         for commit, why in commits.items():
-            assert why and path in git("show", "--name-only", "--format=", commit).split(), (path, commit)
+            assert why and path in report._git("show", "--name-only", "--format=", commit), (path, commit)
     before = "c84e3d4~1"       # common.py changed after this commit (c84e3d4 dropped timed())
-    since = git("log", "--format=%H", f"{before}..HEAD", "--", "benchmarks/common.py").split()
+    since = report._git("log", "--format=%H", f"{before}..HEAD", "--", "benchmarks/common.py")
     assert since
     report.REVIEWED = {"benchmarks/common.py": {c[:9]: "reviewed" for c in since}}
     changed, reviewed = report.changes_since("varying_prompts.csv", before)
