@@ -9,12 +9,15 @@ Each block (in the README and the docs pages, :data:`PAGES`) sits between ``<!--
 NAME is a key of :data:`SECTIONS`.  Every table says which command, commit, machine and
 versions produced its CSV (the CSV's provenance columns), so a figure can be traced to one run,
 and is marked **stale** when a file it measures (:data:`MEASURES`) changed in a later commit
-(a commit in :data:`REVIEWED` is named instead).
+(a commit in :data:`REVIEWED` is named instead, once a parse shows it changes no name the measured
+scripts use), or **unverified** when the CSV was measured with uncommitted changes (``+dirty``).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
+import functools
 import math
 import os
 import re
@@ -91,8 +94,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Commits that changed a measured file and were read and found not to change what any CSV measured
 # before them shows (as git's blame.ignoreRevs does for blame): file -> {commit: why}.  A table is not
-# marked stale for them, and its provenance line names them.  tests/test_report.py checks that each
-# commit exists and changed that file.
+# marked stale for them, and its provenance line names them, but only while a parse agrees
+# (:func:`review_rejects`: the commit changes no top-level name that the CSV's measured files, as of its
+# commit, import or use from that file); otherwise the table stays stale and says which names.
+# tests/test_report.py checks that each commit exists and changed that file.
 REVIEWED = {
     "benchmarks/common.py": {
         "e92908d": "adds paired_rounds(), which no script measured before it could call",
@@ -111,22 +116,132 @@ def _reviewed(path, full_hash):
     return next((c for c in REVIEWED.get(path, {}) if full_hash.startswith(c)), None)
 
 
+@functools.lru_cache(maxsize=None)
+def _file_at(root, commit, path):
+    """The text of ``path`` at ``commit`` in the checkout ``root`` ("" where it does not exist)."""
+    out = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True, text=True, check=False)
+    return out.stdout if out.returncode == 0 else ""
+
+
+MODULE_CODE = "(module-level code)"      # top-level statements that bind no name: they run on every import
+
+
+def _binds(node):
+    """The top-level names a module statement binds (none: code that runs on import)."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.Import):
+        return [a.asname or a.name.split(".")[0] for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+        return [a.asname or a.name for a in node.names if a.name != "*"]
+    if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return []
+
+
+@functools.lru_cache(maxsize=None)
+def _definitions(text):
+    """name -> (the ``ast.dump`` of each statement binding it, the names those statements mention).
+    Compared as parsed, so comments and layout do not count as a change; the docstring is left out."""
+    tree = ast.parse(text)
+    body = tree.body[1:] if ast.get_docstring(tree, clean=False) is not None else tree.body
+    defs = {}
+    for node in body:
+        mentions = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        for name in _binds(node) or [MODULE_CODE]:
+            dumps, refs = defs.setdefault(name, ([], set()))
+            dumps.append(ast.dump(node))
+            refs |= mentions
+    return defs
+
+
+@functools.lru_cache(maxsize=None)
+def _uses(text, stem):
+    """The names code ``text`` takes from a module called ``stem``: ``from stem import a``, or
+    ``import stem`` then ``stem.a``; "*" where it may use any (a star import, the module passed on).
+    Matched on the import's last dotted part, so a sys.path or relative import is never missed."""
+    if stem not in text:
+        return frozenset()
+    nodes = list(ast.walk(ast.parse(text)))
+    used, aliases = set(), set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            if node.module and node.module.split(".")[-1] == stem:
+                used |= {a.name for a in node.names}
+            aliases |= {a.asname or a.name for a in node.names if a.name == stem}     # from pkg import stem
+        elif isinstance(node, ast.Import):
+            for a in (a for a in node.names if a.name.split(".")[-1] == stem):
+                if a.asname or "." not in a.name:
+                    aliases.add(a.asname or a.name)
+                else:
+                    used.add("*")        # import pkg.stem: reached as pkg.stem.x, not followed here
+    attributes = [n for n in nodes if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                  and n.value.id in aliases]
+    used |= {n.attr for n in attributes}
+    if sum(isinstance(n, ast.Name) and n.id in aliases for n in nodes) > len(attributes):
+        used.add("*")
+    return frozenset(used)
+
+
+def _needed(defs, used):
+    """``used`` and every top-level name they reach through ``defs`` (module-level code always runs)."""
+    todo, seen = [*used, MODULE_CODE], set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += defs.get(name, ((), ()))[1]
+    return seen
+
+
+def review_rejects(name, measured, path, commit):
+    """Why the :data:`REVIEWED` ``commit`` cannot count as leaving ``name`` (measured at ``measured``)
+    unchanged: the top-level names of ``path`` that ``commit`` changed (source differs between its
+    parent and it, added or removed) which the Python files :data:`MEASURES` lists, as of ``measured``,
+    import or use, directly or through other names of ``path``.  Empty: the review holds."""
+    if not path.endswith(".py"):
+        return ["(not Python: cannot be checked)"]
+    stem = os.path.basename(os.path.dirname(path)) if path.endswith("/__init__.py") else os.path.basename(path)[:-3]
+    files = [f for f in _git("ls-tree", "-r", "--name-only", measured, "--", *MEASURES[name]) or []
+             if f.endswith(".py") and f != path]
+    try:
+        before, after = (_definitions(_file_at(ROOT, c, path)) for c in (f"{commit}^", commit))
+        used = set().union(*(_uses(_file_at(ROOT, measured, f), stem) for f in files))
+    except SyntaxError as e:
+        return [f"(does not parse: {e.msg})"]
+    changed = {n for n in before.keys() | after.keys() if before.get(n, ([],))[0] != after.get(n, ([],))[0]}
+    return sorted(changed if "*" in used else changed & _needed(before, used))
+
+
+def dirty(commit):
+    """Measured with uncommitted changes: the figures cannot be tied to any commit."""
+    return commit.endswith("+dirty")
+
+
 def changes_since(name, commit):
-    """``(changed, reviewed)``: the files :data:`MEASURES` lists for ``name`` that commits after
-    ``commit`` changed (up to HEAD), and the :data:`REVIEWED` commits left out of that (a file whose
-    every change since is reviewed is not changed); None when ``commit`` is not in this history."""
-    commit = commit.removesuffix("+dirty")
-    files = _git("diff", "--name-only", commit, "HEAD", "--", *MEASURES[name])
+    """``(changed, reviewed, rejected)``: the files :data:`MEASURES` lists for ``name`` that commits
+    after ``commit`` changed (up to HEAD); the :data:`REVIEWED` commits left out of that (a file whose
+    every change since is reviewed, and passes :func:`review_rejects`, is not changed); and the
+    reviews that failed, as ``(path, key, names)``.  None when ``commit`` is not in this history
+    (a ``+dirty`` commit is none: see :func:`dirty`)."""
+    files = None if dirty(commit) else _git("diff", "--name-only", commit, "HEAD", "--", *MEASURES[name])
     if files is None:
         return None
-    changed, reviewed = [], []
+    changed, reviewed, rejected = [], [], []
     for path in files:
-        keys = [_reviewed(path, c) for c in _git("log", "--format=%H", f"{commit}..HEAD", "--", path)]
-        if keys and None not in keys:      # no commits: the tree differs some other way, so changed
-            reviewed += [(path, key) for key in keys]
-        else:
+        since = _git("log", "--format=%H", f"{commit}..HEAD", "--", path)
+        keys = [_reviewed(path, c) for c in since]
+        if not keys or None in keys:       # no commits: the tree differs some other way, so changed
             changed.append(path)
-    return changed, reviewed
+            continue
+        bad = [(path, key, names) for key, c in zip(keys, since) if (names := review_rejects(name, commit, path, c))]
+        if bad:
+            changed.append(path)
+            rejected += bad
+        else:
+            reviewed += [(path, key) for key in keys]
+    return changed, reviewed, rejected
 
 
 def changed_since(name, commit):
@@ -147,13 +262,18 @@ def source(name):
     threads = f", {r['threads']} thread{'' if r.get('threads') == '1' else 's'}" if r.get("threads") else ""
     line = (f"`{name}`: `{r['command']}` at {r['commit']} ({r['date']}; {r['machine']}{threads}; "
             f"torch {r['torch']}, transformers {r['transformers']})")
+    if dirty(r["commit"]):
+        return (f"{line}. **Unverified**: measured at a dirty tree of commit {r['commit'].removesuffix('+dirty')} "
+                "(uncommitted changes), so its figures cannot be tied to a commit")
     changes = changes_since(name, r["commit"])
     if changes is None:
         return f"{line}. **Stale?** commit {r['commit']} is not in this history"
-    changed, reviewed = changes
+    changed, reviewed, rejected = changes
     if changed:
         files = ", ".join(f"`{f}`" for f in changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
-        return f"{line}. **Stale**: measured at {r['commit']}; changed since: {files}"
+        why = "".join(f"; REVIEWED `{path}` {key} rejected: it changes {', '.join(f'`{n}`' for n in names)}, which "
+                      "the measured code uses" for path, key, names in rejected)
+        return f"{line}. **Stale**: measured at {r['commit']}; changed since: {files}{why}"
     if reviewed:
         line += ". Changed since, reviewed as not what it measures: " + ", ".join(
             f"`{path}` {key} ({REVIEWED[path][key]})" for path, key in reviewed)
@@ -768,12 +888,14 @@ GEMMA3_HEADLINE = [t[0] for t in TARGETS if t[0].startswith("Gemma-3")]
 
 
 def measured_at(name):
-    """``name @commit``, and **stale** when the code it measures changed since."""
+    """``name @commit``, and **stale** when the code it measures changed since (**unverified**: ``+dirty``)."""
     data = rows(name)
     if not data or not data[0].get("commit"):
         return f"`{name}`"
-    changed = changed_since(name, data[0]["commit"])
-    return f"`{name}` @{data[0]['commit']}" + ("" if changed == [] else ", **stale**")
+    commit = data[0]["commit"]
+    if dirty(commit):
+        return f"`{name}` @{commit}, **unverified**"
+    return f"`{name}` @{commit}" + ("" if changed_since(name, commit) == [] else ", **stale**")
 
 
 def targets(names=None):

@@ -144,8 +144,8 @@ def test_a_table_older_than_its_code_is_marked_stale(report, results):
     set_commit(git("rev-list", "--max-parents=0", "HEAD"))                # before any code existed
     line = report.source("varying_prompts.csv")
     assert "**Stale**" in line and "`swa_patch/attention.py`" in line
-    set_commit(git("rev-parse", "--short", "HEAD") + "+dirty")
-    assert "Stale" not in report.source("varying_prompts.csv")
+    set_commit(git("rev-parse", "--short", "HEAD") + "+dirty")     # current code, but uncommitted changes
+    assert "**Unverified**: measured at a dirty tree of commit" in report.source("varying_prompts.csv")
     set_commit("0000000")
     assert "not in this history" in report.source("varying_prompts.csv")
     assert set(report.MEASURES) >= {n for n in os.listdir(results) if n.endswith(".csv")
@@ -179,11 +179,101 @@ def test_a_reviewed_change_is_named_and_any_other_change_still_marks_stale(repor
     since = report._git("log", "--format=%H", f"{before}..HEAD", "--", "benchmarks/common.py")
     assert since
     report.REVIEWED = {"benchmarks/common.py": {c[:9]: "reviewed" for c in since}}
-    changed, reviewed = report.changes_since("varying_prompts.csv", before)
+    changed, reviewed, rejected = report.changes_since("varying_prompts.csv", before)
     assert "benchmarks/common.py" not in changed and ("benchmarks/common.py", since[0][:9]) in reviewed
+    assert rejected == []
     report.REVIEWED = {"benchmarks/common.py": {c[:9]: "reviewed" for c in since[1:]}}   # one left unreviewed
-    changed, reviewed = report.changes_since("varying_prompts.csv", before)
+    changed, reviewed, _ = report.changes_since("varying_prompts.csv", before)
     assert "benchmarks/common.py" in changed and not any(p == "benchmarks/common.py" for p, _ in reviewed)
+
+
+def test_a_dirty_csv_reads_unverified_never_current(report, results):
+    """A CSV measured with uncommitted changes (commit ``X+dirty``) cannot be tied to a commit, even
+    when X is HEAD: its table and its targets' "from" column say unverified, not current."""
+    head = report._git("rev-parse", "--short", "HEAD")[0]
+    for commit, status in ((head, None), (head + "+dirty", "unverified")):
+        edit_csv_column(results / "varying_prompts.csv", "commit", commit)
+        line, short = report.source("varying_prompts.csv"), report.measured_at("varying_prompts.csv")
+        if status is None:
+            assert "**" not in line and short == f"`varying_prompts.csv` @{head}"
+        else:
+            assert f"**Unverified**: measured at a dirty tree of commit {head}" in line and "Stale" not in line
+            assert short == f"`varying_prompts.csv` @{head}+dirty, **unverified**"
+    assert "**unverified**" in report.targets()
+
+
+def edit_csv_column(path, column, value):
+    """Set ``column`` to ``value`` in every row of the CSV at ``path``."""
+    with open(path) as f:
+        data = list(csv.DictReader(f))
+    for r in data:
+        r[column] = value
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(data[0]))
+        writer.writeheader()
+        writer.writerows(data)
+
+
+def test_a_reviewed_commit_counts_only_if_it_changes_no_name_the_measured_script_uses(report, tmp_path, monkeypatch):
+    """In a scratch repository: a CSV measured at commit A by ``bench/script.py``, which imports
+    ``used`` (it calls ``_inner``) and reaches ``other`` as ``common.other``; REVIEWED commits to
+    ``bench/common.py`` after A hold when they only add or drop names nobody used at A, and are
+    rejected, naming the names, when they change ``_inner`` or ``other``."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+
+    def commit(files, message):
+        for path, text in files.items():
+            (repo / path).parent.mkdir(parents=True, exist_ok=True)
+            (repo / path).write_text(text)
+        for args in (["add", "."], ["commit", "-qm", message]):
+            subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                           capture_output=True)
+        return subprocess.run(["git", "rev-parse", "--short=9", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    code = {"_inner": "1", "used": "_inner()", "other": "2", "unused": "3"}
+    common = lambda: "".join(f"def {n}():\n    return {v}\n\n\n" for n, v in code.items())  # noqa: E731
+    script = "import common\nfrom common import used\n\nprint(used(), common.other())\n"
+    measured = commit({"bench/common.py": common(), "bench/script.py": script}, "A")
+    del code["unused"]
+    code["paired"] = "4"                         # drops a name nobody used, adds one nobody could use at A
+    tidy = commit({"bench/common.py": common()}, "adds paired, drops unused")
+    code["_inner"] = "5"
+    inner = commit({"bench/common.py": common()}, "changes what used() calls")
+    code["other"] = "6"
+    other = commit({"bench/common.py": common()}, "changes common.other")
+    (tmp_path / "results").mkdir()
+    with open(tmp_path / "results" / "x.csv", "w", newline="") as f:
+        row = {**_provenance("bench/script.py"), "commit": measured, "value": "1"}
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    monkeypatch.setattr(report, "ROOT", str(repo))
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(report, "MEASURES", {"x.csv": ("bench/common.py", "bench/script.py")})
+
+    assert report.review_rejects("x.csv", measured, "bench/common.py", tidy) == []
+    assert report.review_rejects("x.csv", measured, "bench/common.py", inner) == ["_inner"]
+    assert report.review_rejects("x.csv", measured, "bench/common.py", other) == ["other"]
+    monkeypatch.setattr(report, "REVIEWED", {"bench/common.py": {c: "reviewed" for c in (tidy, inner, other)}})
+    changed, reviewed, rejected = report.changes_since("x.csv", measured)
+    assert changed == ["bench/common.py"] and reviewed == []
+    assert rejected == [("bench/common.py", other, ["other"]), ("bench/common.py", inner, ["_inner"])]
+    line = report.source("x.csv")
+    assert "**Stale**" in line and f"REVIEWED `bench/common.py` {inner} rejected: it changes `_inner`" in line
+    # what the script imports at the CSV's commit counts, not what it imports now
+    later = commit({"bench/script.py": script.replace("import used", "import paired, used")}, "uses paired")
+    code["paired"] = "7"
+    paired = commit({"bench/common.py": common()}, "changes paired")
+    assert report.review_rejects("x.csv", measured, "bench/common.py", paired) == []
+    assert report.review_rejects("x.csv", later, "bench/common.py", paired) == ["paired"]
+    subprocess.run(["git", "reset", "-q", "--hard", tidy], cwd=repo, check=True)   # only the tidy commit since A
+    assert report.changes_since("x.csv", measured) == ([], [("bench/common.py", tidy)], [])
+    assert "Stale" not in (line := report.source("x.csv")) and f"`bench/common.py` {tidy} (reviewed)" in line
 
 
 def test_attention_sinks_is_judged_on_the_median_paired_speedup(report, results):
