@@ -44,17 +44,27 @@ class MaskInfo:
                                                # (swa_patch.packing); None: one document per row
 
 
-@dataclass
+@dataclass(eq=False)
 class ForwardFacts:
-    """What the patched model's top-level hook (swa_patch.generation) settled for the forward in
-    progress: the prompt boundary of decode_full layers (from ``prompt_lengths`` or ``labels``)
-    and the packed documents.  The mask builder copies them into MaskInfo, which gradient
-    checkpointing keeps for the recompute."""
+    """What the backbone's pre-hook (:mod:`swa_patch.generation`) settled for one forward: the
+    prompt boundary of decode_full layers (from ``prompt_lengths`` or ``labels``) and the packed
+    documents.  It travels in that forward's own keyword arguments (``swa_forward``), which
+    transformers hands from the backbone through every decoder layer to the attention function
+    (and gradient checkpointing keeps for the recompute): no other forward, thread or model can
+    see it.  ``reached`` counts the attention calls that took it, so a family that dropped the
+    keyword is caught instead of running without documents or boundary."""
     full_from: torch.Tensor | None = None
     documents: Starts | None = None
+    reached: int = 0
 
-
-_forwards: list[ForwardFacts] = []     # a stack, as forwards may nest
+    def mask_info(self, info):
+        """The mask builder's ``info`` with this forward's facts (anything else, e.g. a prepared
+        4-D mask, is returned as it is, for :func:`run_plan` to refuse)."""
+        self.reached += 1
+        if info is not None and not isinstance(info, MaskInfo):
+            return info
+        info = MaskInfo(0, None) if info is None else info
+        return dataclasses.replace(info, full_from=self.full_from, documents=self.documents)
 
 
 def mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -64,8 +74,7 @@ def mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         padding = attention_mask.bool()          # compiled: no host sync to find out there is none
     if not torch.is_tensor(q_offset):
         q_offset = int(q_offset)
-    facts = _forwards[-1] if _forwards else ForwardFacts()
-    return MaskInfo(q_offset, padding, full_from=facts.full_from, documents=facts.documents)
+    return MaskInfo(q_offset, padding)
 
 
 @dataclass(frozen=True)
@@ -75,12 +84,15 @@ class LayerPlan:
 
 
 def swa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                  softcap=None, s_aux=None, swa_keys: KeyLayout | None = None, **kwargs):
+                  softcap=None, s_aux=None, swa_keys: KeyLayout | None = None,
+                  swa_forward: ForwardFacts | None = None, **kwargs):
     """query ``[B, H, q, D]``, key/value ``[B, Hkv, kv, D]`` (rotated, cache included)
     -> (``[B, q, H, D]``, None)."""
     if dropout and module.training:
         raise ValueError(f"attention dropout ({dropout}) is not supported by swa_patch; set "
                          "config.attention_dropout = 0.0")
+    if swa_forward is not None:
+        attention_mask = swa_forward.mask_info(attention_mask)
     return run_plan(module._swa_plan, query, key, value, attention_mask, scaling, softcap, s_aux, swa_keys), None
 
 
@@ -111,30 +123,68 @@ def run_plan(plan: LayerPlan, query, key, value, attention_mask: MaskInfo | None
 def _attend_documents(plan, query, key, value, info: MaskInfo, scaling, softcap, s_aux, swa_keys):
     """A packed row: each document runs alone, as its own stream (queries, keys and padding cut
     to it, stream indices from its first token, so its window and sinks are its own), on whatever
-    backend the plan picks.  No call ever holds keys of two documents.  Documents of one length
-    (in any row) run as the rows of one call: padding-free batches end in runs of one-token pads,
-    each its own document."""
+    backend the plan picks.  No call ever holds keys of two documents.  Documents of similar length
+    (in any row) run as the rows of one call, right-padded to their group's length: a causal query
+    never sees a key after it, so the padding changes no real query (the outputs of pad queries are
+    dropped).  Groups and index tensors are worked out once per forward (:func:`_document_groups`);
+    per layer, a group costs one gather per input and one scatter of its output."""
     lq = query.shape[2]
     if swa_keys is not None or info.q_offset != 0 or key.shape[2] != lq:
         raise ValueError("packed documents (position_ids that restart, cu_seq_lens_q/k or seq_idx) cannot "
                          "be combined with a cache: pass use_cache=False and no cache")
-    by_length: dict[int, list[tuple[int, int]]] = {}
+    out = query.new_empty(query.shape[0], lq, query.shape[1], value.shape[-1])
+    for group in _document_groups(info, lq, query.device):
+        gather = lambda x: x.transpose(1, 2)[group.rows, group.index].transpose(1, 2)   # noqa: E731  [k, H, L, D]
+        part = run_plan(plan, gather(query), gather(key), gather(value),
+                        MaskInfo(0, group.padding, group.memo, group.full_from), scaling, softcap, s_aux)
+        if group.inside is None:
+            out[group.rows, group.index] = part
+        else:                                      # right padding repeats a token: write real ones only
+            out[group.rows.expand_as(group.index)[group.inside], group.index[group.inside]] = part[group.inside]
+    return out
+
+
+@dataclass
+class _DocumentGroup:
+    rows: torch.Tensor               # [k, 1] the batch row of each document
+    index: torch.Tensor              # [k, L] token index of each document's tokens (its last one repeated
+                                     # as right padding up to L)
+    inside: torch.Tensor | None      # [k, L] tokens of the document (not its right padding); None: all
+    padding: torch.Tensor | None     # [k, L] real tokens, where the row has padding of its own
+    full_from: torch.Tensor | None   # [k] each document's own prompt boundary (decode_full)
+    memo: dict
+
+
+def _group_length(length: int) -> int:
+    """The length a document of ``length`` tokens is padded to: 4 steps per doubling, so a group
+    wastes at most a quarter of its work and a row of documents of many lengths makes few groups."""
+    step = max(1, (1 << max(0, length.bit_length() - 1)) // 4)
+    return -(-length // step) * step
+
+
+def _document_groups(info: MaskInfo, lq: int, device) -> list[_DocumentGroup]:
+    """The documents of ``info`` grouped by :func:`_group_length`, memoised for the forward's layers."""
+    if "document_groups" in info.memo:
+        return info.memo["document_groups"]
+    by_length: dict[int, list[tuple[int, int, int]]] = {}
     for row, starts in enumerate(info.documents):
         for start, end in zip(starts, starts[1:] + (lq,)):
-            by_length.setdefault(end - start, []).append((row, start))
-    out = query.new_empty(query.shape[0], lq, query.shape[1], value.shape[-1])
+            by_length.setdefault(_group_length(end - start), []).append((row, start, end))
+    groups = []
     for length, docs in by_length.items():
-        tokens = lambda x: torch.stack([x[row, start:start + length] for row, start in docs])       # [B, n]
-        heads = lambda x: torch.stack([x[row, :, start:start + length] for row, start in docs])     # [B, H, n, D]
-        padding = None if info.padding is None else tokens(info.padding)
-        full_from = (None if info.full_from is None       # decode_full: each document's own boundary
-                     else torch.stack([info.full_from[row, start] - start for row, start in docs]))
-        memo = info.memo.setdefault(("documents", length, tuple(docs)), {})
-        part = run_plan(plan, heads(query), heads(key), heads(value), MaskInfo(0, padding, memo, full_from),
-                        scaling, softcap, s_aux)
-        for (row, start), doc_out in zip(docs, part):
-            out[row, start:start + length] = doc_out
-    return out
+        rows, starts, ends = (torch.tensor(x, device=device) for x in zip(*docs))
+        token = starts[:, None] + torch.arange(length, device=device)
+        inside = token < ends[:, None]
+        index = torch.minimum(token, ends[:, None] - 1)
+        inside = None if bool(inside.all()) else inside
+        padding = None           # right padding needs no mask: only pad queries come after it
+        if info.padding is not None:
+            padding = info.padding[rows[:, None], index] & (True if inside is None else inside)
+        full_from = (ends - 1 - starts if info.full_from is None      # default: each document's last token
+                     else info.full_from[rows, starts] - starts)
+        groups.append(_DocumentGroup(rows[:, None], index, inside, padding, full_from, {}))
+    info.memo["document_groups"] = groups
+    return groups
 
 
 def _attend_spec(requested, query, key, value, layout, spec, scaling, softcap, s_aux):

@@ -1,33 +1,45 @@
 """How a patched model meets its caches and ``generate()``: :func:`make_cache` and the hooks
 ``patch_model`` installs (``unpatch_model`` removes them).
 
-- The empty ``DynamicCache`` that ``generate()`` makes by itself becomes an :class:`SWACache`.
-- Each forward through an SWACache is announced to it first (which tokens come, which are
-  pads; in position mode ``shift`` the cache assigns the position ids).
-- decode="full": the prompt boundary of a forward comes from ``prompt_lengths=`` (a forward
-  keyword or a :func:`make_cache` option), from ``labels`` (where each row's ``-100`` prefix
-  ends) or from ``generate()`` (its prompt); without any, the input of the first forward is
-  the prompt.  A cache records it once; a forward without a cache hands it to the mask builder.
-- Packed rows (``position_ids`` that restart, ``cu_seq_lens_q/k``, ``seq_idx``): the documents
-  are read once per forward (:mod:`swa_patch.packing`) and handed to the mask builder (with a
-  cache they are refused before any layer runs); decode="full" takes each document's boundary
-  from ``labels``.
+- The backbone (the base model that runs the layers, ``model.model``) settles each forward in a
+  pre-hook, however it is called (``model(...)``, ``model.model(...)``, ``get_decoder()``, a value
+  or reward head on the backbone):
+  - the empty ``DynamicCache`` that ``generate()`` makes by itself becomes an :class:`SWACache`;
+  - packed rows (``position_ids`` that restart, ``cu_seq_lens_q/k``, ``seq_idx``): the documents
+    are read once (:mod:`swa_patch.packing`) and refused where a cache would mix them;
+  - decode="full": the prompt boundary comes from ``prompt_lengths=`` (a forward keyword or a
+    :func:`make_cache` option), from ``labels`` (where each row's, or each packed document's,
+    ``-100`` prefix ends; the causal-LM wrapper's pre-hook hands its ``labels`` or ``shift_labels``
+    down) or from ``generate()`` (its prompt).  A cache records it once; a training forward
+    without one is refused; otherwise the input of the first forward is the prompt;
+  - each forward through an SWACache is announced to it (which tokens come, which are pads; in
+    position mode ``shift`` the cache assigns the position ids).
+- What one forward works out travels in that forward's own keyword arguments
+  (:class:`~swa_patch.attention.ForwardFacts` under ``swa_forward``) down to the attention
+  function; what one ``generate()`` call works out (its prompt, the drafted tokens a
+  verification may reject) lives in a :class:`contextvars.ContextVar` set for that call and
+  reset after it.  No module global holds either, so forwards and ``generate()`` calls in other
+  threads, on this model or another, and a ``generate()`` that re-enters itself
+  (``assistant_model=model``, ``assistant_early_exit``) each see their own.
 - Inside :func:`swa_patch.original_attention` the hooks stand aside.
 
 The dependency runs one way: ``patch`` -> ``generation`` -> ``cache``.
 """
 from __future__ import annotations
 
+import contextvars
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, StaticCache
 
-from . import packing
-from .attention import ForwardFacts, MaskInfo, _forwards
+from . import compat, packing
+from .attention import ForwardFacts, MaskInfo
 from .cache import SWACache, _PendingLayout
-from .compat import ATTN_NAME
 from .masks import first_real_index
 from .rope import model_ropes
-from .state import layer_specs, patch_settings, patch_state
+from .state import BACKBONE_ATTR, layer_specs, patch_settings, patch_state
 
 MAKE_CACHE_OPTIONS = ("positions", "prompt_lengths", "static", "max_cache_len", "rollback")
 _CACHE_NAMES = ("cache", "past_key_values", "layer_past")
@@ -52,13 +64,18 @@ def make_cache(model, **options) -> SWACache:
     settings = patch_settings(model)
     if settings is None:
         raise ValueError("make_cache(model) needs a model patched by swa_patch.patch_model")
+    return _new_cache(model, layer_specs(model), settings, **options)
+
+
+def _new_cache(model, specs, settings, **options) -> SWACache:
+    """:func:`make_cache` for the patch ``specs``/``settings`` of ``model`` (the patched model or
+    its backbone: both hold its rotary embedding)."""
     positions = options.get("positions") or settings.position_mode
     if positions not in ("original", "shift"):
         raise ValueError(f"positions must be 'original' or 'shift', got {positions!r}")
     rollback = options.get("rollback") or 0
     if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0:
         raise ValueError(f"rollback must be an int >= 0 (tokens a crop may remove), got {rollback!r}")
-    specs = layer_specs(model)
     ropes = model_ropes(model, len(specs)) if positions == "shift" else None
     if options.get("static"):
         if rollback:
@@ -107,6 +124,30 @@ def _require_decode_full(settings) -> None:
                          f"decode layers; this one has decode={settings.decode!r}")
 
 
+LABELS_KEY = "swa_labels"        # the wrapper's labels, handed down to the backbone's hook
+FACTS_KEY = "swa_forward"        # this forward's ForwardFacts, handed down to the attention function
+
+
+@dataclass(frozen=True, eq=False)
+class GenerateCall:
+    """What one ``generate()`` call on a patched model tells its forwards: where its prompt ends
+    (``[1]`` or ``[B]``; decode="full") and how many drafted tokens one verification may reject
+    (the rolling cache it makes reserves that many rollback slots)."""
+    state: dict
+    prompt_ends: torch.Tensor | None
+    rollback: int
+
+
+# The generate() calls in progress in this thread / asyncio task, innermost last.
+_GENERATE_CALLS: contextvars.ContextVar[tuple[GenerateCall, ...]] = contextvars.ContextVar(
+    "swa_patch_generate_calls", default=())
+
+
+def _generate_call(state) -> GenerateCall | None:
+    """The innermost ``generate()`` call in progress on the model that owns ``state``."""
+    return next((call for call in reversed(_GENERATE_CALLS.get()) if call.state is state), None)
+
+
 def _find_cache(kwargs: dict):
     for name in _CACHE_NAMES:
         if kwargs.get(name) is not None:
@@ -119,21 +160,35 @@ def _tokens(args, kwargs) -> torch.Tensor:
     return kwargs["inputs_embeds"] if tokens is None else tokens
 
 
-def _top_level_hook(model, args, kwargs):
-    """Pre-hook of the patched model: swaps generate()'s own empty DynamicCache for an
-    SWACache (a DynamicCache seen again maps to the same SWACache) and settles the packed
-    documents (refusing them where they cannot be honoured) and the prompt boundary of
-    decode="full" layers.  Everything it reads hangs off ``model`` (the module being called),
-    so a deep copy or an unpickled model uses its own state."""
+def _hand_labels_down(model, args, kwargs):
+    """Pre-hook of the causal-LM wrapper (decode="full" models): its ``labels`` (or TRL's and
+    transformers' ``shift_labels``, given as labels) reach the backbone's hook, which takes the
+    prompt boundary from them.  The wrapper passes its keyword arguments on to the backbone."""
     state = patch_state(model)
-    _forwards.append(ForwardFacts())         # popped by _end_of_forward, whatever happens
+    if state.get("suspended") or not state["settings"].decodes_full:
+        return None
+    labels, shifted = kwargs.get("labels"), kwargs.get("shift_labels")
+    if labels is None and shifted is not None:          # shift_labels[t] is predicted by query t
+        labels = F.pad(shifted[..., :-1], (1, 0), value=-100)
+    return None if labels is None else (args, {**kwargs, LABELS_KEY: labels})
+
+
+def _begin_forward(backbone, args, kwargs):
+    """Pre-hook of the backbone: swaps generate()'s own empty DynamicCache for an SWACache (a
+    DynamicCache seen again maps to the same SWACache), settles the packed documents and the
+    prompt boundary of decode="full" layers (refusing what cannot be honoured) and announces the
+    step to an SWACache.  Everything it reads hangs off the module it runs on or comes with the
+    call, so a copy, another thread or a nested call sees its own."""
+    state = getattr(backbone, BACKBONE_ATTR)
     prompt_lengths = kwargs.pop("prompt_lengths", None)
+    labels = kwargs.pop(LABELS_KEY, None)
     name, cache = _find_cache(kwargs)
     if state.get("suspended"):
         if isinstance(cache, SWACache):
             raise ValueError("an SWACache cannot serve the original attention: inside "
                              "swa_patch.original_attention(model) use the model's own caches")
         return args, kwargs
+    _check_attention(backbone, state)
     if isinstance(cache, StaticCache):
         raise ValueError("a pre-allocated cache (StaticCache, cache_implementation='static') is not "
                          "supported by a patched model; use swa_patch.make_cache(model) or the default "
@@ -141,19 +196,60 @@ def _top_level_hook(model, args, kwargs):
     if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
         swa = getattr(cache, "_swa_patch_cache", None)
         if swa is None and cache.get_seq_length() == 0:
-            swa = cache._swa_patch_cache = make_cache(model, rollback=state.get("generate_rollback") or 0)
+            call = _generate_call(state)
+            swa = cache._swa_patch_cache = _new_cache(backbone, state["specs"], state["settings"],
+                                                      rollback=call.rollback if call else 0)
         if swa is not None:
             kwargs = {**kwargs, name: swa}
             cache = swa
-    facts = _forwards[-1]
-    facts.documents = _documents(state, args, kwargs, cache, prompt_lengths)
-    if state["settings"].decodes_full and facts.documents is not None:
-        facts.full_from = _document_boundaries(kwargs.get("labels"), facts.documents)
-    elif state["settings"].decodes_full:
-        facts.full_from = _boundary(state, args, kwargs, cache, prompt_lengths)
+    documents = _documents(state, args, kwargs, cache, prompt_lengths)
+    full_from = None
+    if state["settings"].decodes_full:
+        full_from = (_document_boundaries(labels, documents, kwargs.get("attention_mask")) if documents
+                     else _boundary(state, args, kwargs, cache, prompt_lengths, labels))
+        if full_from is None and cache is None and backbone.training and torch.is_grad_enabled():
+            _refuse_training_without_boundary(state)
     elif prompt_lengths is not None:
         _require_decode_full(state["settings"])
+    if isinstance(cache, SWACache):
+        kwargs = _announce_step(args, kwargs, cache)
+    if documents is not None or (full_from is not None and cache is None):
+        kwargs = {**kwargs, FACTS_KEY: ForwardFacts(full_from, documents)}
     return args, kwargs
+
+
+def _end_forward(backbone, args, kwargs, output):
+    """Post-hook of the backbone: the forward's facts reached its attention layers (a family that
+    dropped the keyword would have run without its documents or boundary)."""
+    facts = kwargs.get(FACTS_KEY)
+    if facts is not None and facts.reached == 0:
+        raise RuntimeError(f"{type(backbone).__name__} did not pass swa_patch's per-forward keyword "
+                           f"{FACTS_KEY!r} to its attention layers, so packed documents or the decode='full' "
+                           "boundary were not applied; this architecture is not supported for that use")
+
+
+def _check_attention(backbone, state) -> None:
+    """A model copied or unpickled inside ``original_attention`` comes with the original attention
+    implementation in its config and ``resume`` in its state: switch it back on first use.  Any
+    other implementation on a patched model was set behind the patch's back: refuse it."""
+    if backbone.config._attn_implementation == compat.ATTN_NAME:
+        return
+    if state.pop("resume", False):
+        compat.set_attn_implementation(backbone, compat.ATTN_NAME)
+        return
+    raise ValueError(f"this patched model's attention implementation was changed to "
+                     f"{backbone.config._attn_implementation!r}; use swa_patch.original_attention(model) for the "
+                     "original attention, or swa_patch.unpatch_model(model) before set_attn_implementation")
+
+
+def _refuse_training_without_boundary(state) -> None:
+    raise ValueError(
+        f"decode={state['settings'].decode!r}: this training forward has no prompt boundary (no labels with a -100 "
+        "prefix over the prompt, no prompt_lengths), so its answers would be trained through the window. Pass "
+        "labels, or prompt_lengths= (tokens of prompt per row, left pads included). Under transformers' Trainer, "
+        "which pops labels before the forward when label_smoothing_factor > 0 or a compute_loss_func is set, add "
+        "a 'prompt_lengths' column to the dataset and set TrainingArguments(remove_unused_columns=False) so "
+        "that it reaches the forward")
 
 
 def _documents(state, args, kwargs, cache, prompt_lengths) -> packing.Starts | None:
@@ -178,33 +274,43 @@ def _documents(state, args, kwargs, cache, prompt_lengths) -> packing.Starts | N
     return starts
 
 
-def _document_boundaries(labels, documents: packing.Starts) -> torch.Tensor | None:
+def _document_boundaries(labels, documents: packing.Starts, attention_mask) -> torch.Tensor | None:
     """decode="full" on packed rows: ``[B, n]``, per token the stream index of its document's first
     fully attending query, where that document's ``-100`` prefix of ``labels`` ends (as for the
-    document alone); None without labels (each document's last token, the layouts' default)."""
+    document alone); None without labels (each document's last token, the layouts' default).
+    Computed for all documents at once (segment minima), with one host sync for the refusal."""
     if labels is None:
         return None
-    n = labels.shape[1]
-    full_from = torch.empty(labels.shape, dtype=torch.long)
-    dense = []
+    b, n = labels.shape
+    pos = torch.arange(n, device=labels.device).expand(b, n)
+    first = torch.zeros(b, n, dtype=torch.bool, device=labels.device)
     for row, starts in enumerate(documents):
-        for start, end in zip(starts, starts[1:] + (n,)):
-            prompt = int(label_prompt_ends(labels[row:row + 1, start:end]))
-            if prompt <= 1 < end - start:           # the document's first token would attend fully
-                dense.append((row, start))
-            full_from[row, start:end] = start + prompt - 1
-    if dense:
-        raise ValueError(f"decode='full': the labels of packed document(s) at (row, start) {dense[:4]} have no -100 "
+        first[row, list(starts)] = True
+    doc = first.flatten().long().cumsum(0).view(b, n) - 1               # a global id per document
+    start_of = torch.where(first, pos, 0).cummax(1).values
+    last = torch.cat([first[:, 1:], torch.ones(b, 1, dtype=torch.bool, device=labels.device)], 1)
+    end_of = torch.where(last, pos + 1, n).flip(1).cummin(1).values.flip(1)
+    answer = (labels != -100) & (pos != start_of)                        # labels[start] is never predicted
+    per_doc = lambda x, how: torch.full((int(doc.max()) + 1,), n if how == "amin" else 0, device=labels.device,  # noqa: E731
+                                        dtype=torch.long).scatter_reduce(0, doc.flatten(), x.flatten().long(), how)
+    prompt_end = per_doc(torch.where(answer, pos, end_of), "amin")[doc]  # the first answer label, or the end
+    real = (torch.ones(b, n, dtype=torch.bool, device=labels.device) if not isinstance(attention_mask, torch.Tensor)
+            else attention_mask.bool())
+    first_real = per_doc(torch.where(real, pos, n), "amin")[doc]
+    dense = (prompt_end - 1 <= first_real) & (per_doc(real, "sum")[doc] > 1) & first
+    if bool(dense.any()):
+        where = [tuple(x) for x in dense.nonzero().tolist()]
+        raise ValueError(f"decode='full': the labels of packed document(s) at (row, start) {where[:4]} have no -100 "
                          "prefix over a prompt, so every query there would attend every earlier key (dense "
                          "attention, no window). Put -100 over each document's prompt in labels")
-    return full_from
+    return prompt_end - 1
 
 
-def _boundary(state, args, kwargs, cache, prompt_lengths) -> torch.Tensor | None:
+def _boundary(state, args, kwargs, cache, prompt_lengths, labels) -> torch.Tensor | None:
     """``[B]`` (or ``[1]``) stream index of each row's first fully attending query, recorded
     in an SWACache; None when this forward does not say (the layouts then take the default).
-    A boundary taken from ``labels`` or from generate's prompt must leave each row at least one
-    windowed real token: one at the row's first real token would make the row dense."""
+    A boundary taken from ``labels`` must leave each row at least one windowed real token: one at
+    the row's first real token would train the row densely."""
     if cache is not None and not isinstance(cache, SWACache):
         raise ValueError(f"decode={state['settings'].decode!r} needs a cache that keeps every key of its "
                          f"layers and records the prompt boundary; got {type(cache).__name__}. Use "
@@ -212,18 +318,15 @@ def _boundary(state, args, kwargs, cache, prompt_lengths) -> torch.Tensor | None
     tokens = _tokens(args, kwargs)
     batch, n = tokens.shape[:2]
     start = 0 if cache is None else cache.get_seq_length()
-    labels = kwargs.get("labels")
-    generate_end = state.get("generate_prompt_end")
+    call = _generate_call(state) if isinstance(cache, SWACache) and cache.full_from is None else None
     if prompt_lengths is not None:
         ends = prompt_ends(prompt_lengths, batch, None if cache is not None else n)
     elif labels is not None:
         ends = start + label_prompt_ends(labels)
         if start == 0:
-            refuse_dense_rows(ends - 1, kwargs.get("attention_mask"), "labels (no -100 prefix over the prompt)")
-    elif isinstance(cache, SWACache) and cache.full_from is None and generate_end is not None:
-        ends = rows_of(generate_end["ends"], batch)
-        if start == 0 and not generate_end["explicit"]:
-            refuse_dense_rows(ends - 1, kwargs.get("attention_mask"), "generate()'s prompt")
+            refuse_dense_rows(ends - 1, kwargs.get("attention_mask"), n, "labels (no -100 prefix over the prompt)")
+    elif call is not None and call.prompt_ends is not None:
+        ends = rows_of(call.prompt_ends, batch)        # a one-token prompt runs: its answer attends fully
     else:
         return None
     full_from = (ends - 1).to(tokens.device)
@@ -242,14 +345,15 @@ def rows_of(values: torch.Tensor, batch: int) -> torch.Tensor:
     return values.repeat_interleave(batch // values.numel())
 
 
-def refuse_dense_rows(full_from: torch.Tensor, attention_mask, source: str) -> None:
+def refuse_dense_rows(full_from: torch.Tensor, attention_mask, n: int, source: str) -> None:
     """decode="full": raise when a row's boundary falls at (or before) its first real token, so
-    every query of the row would attend every earlier key: dense attention, not the window."""
+    every query of the row would attend every earlier key: dense attention, not the window (a row
+    with a single real token has nothing to window)."""
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        first = first_real_index(attention_mask.bool())
+        real = attention_mask.bool()
     else:
-        first = torch.zeros(full_from.shape, dtype=torch.long)
-    dense = (full_from.cpu() <= first.cpu()).expand(max(full_from.numel(), first.numel()))
+        real = torch.ones(max(full_from.numel(), 1), n, dtype=torch.bool)
+    dense = (full_from.cpu() <= first_real_index(real).cpu()) & (real.sum(1).cpu() > 1)
     if bool(dense.any()):
         rows = dense.nonzero().flatten().tolist()
         raise ValueError(f"decode='full': the prompt boundary from {source} falls at the first real token of "
@@ -259,20 +363,9 @@ def refuse_dense_rows(full_from: torch.Tensor, attention_mask, source: str) -> N
                          "explicitly also runs a one-token prompt on purpose)")
 
 
-def _end_of_forward(module, args, kwargs, output):
-    if _forwards:
-        _forwards.pop()
-
-
-def _announce_step(module, args, kwargs):
-    """Decoder pre-hook: tell an SWACache which tokens come (and which are pads); in shift
-    mode replace ``position_ids`` with the cache's frame positions."""
-    _, cache = _find_cache(kwargs)
-    if not isinstance(cache, SWACache):
-        return None
-    if module.config._attn_implementation != ATTN_NAME:        # inside original_attention (shared config)
-        raise ValueError("an SWACache cannot serve the original attention: inside "
-                         "swa_patch.original_attention(model) use the model's own caches")
+def _announce_step(args, kwargs, cache: SWACache) -> dict:
+    """Tell an SWACache which tokens come (and which are pads); in shift mode replace
+    ``position_ids`` with the cache's frame positions."""
     tokens = _tokens(args, kwargs)
     mask = kwargs.get("attention_mask")
     if isinstance(mask, MaskInfo):       # generate() builds masks ahead for compileable caches
@@ -281,9 +374,7 @@ def _announce_step(module, args, kwargs):
     if isinstance(mask, torch.Tensor) and mask.dim() != 2:
         raise ValueError("SWACache needs a 2-D attention_mask [batch, tokens] (or none)")
     positions = cache.begin(tokens.shape[1], mask, tokens.shape[0], tokens.device)
-    if positions is None:
-        return args, kwargs
-    return args, {**kwargs, "position_ids": positions}
+    return kwargs if positions is None else {**kwargs, "position_ids": positions}
 
 
 def _pending_layout(module, args, kwargs):
@@ -300,7 +391,9 @@ class PatchedGenerate:
     not depend on how generate feeds the prompt, e.g. ``prefill_chunk_size``; ``prompt_lengths=``
     if given, e.g. to attend fully from a question on, else its input) and how many drafted
     tokens one verification may reject (speculative decoding: the cache reserves that many
-    rollback slots).  It holds the model it belongs to as plain state, so ``copy.deepcopy``
+    rollback slots).  That note is a :class:`GenerateCall` in a context variable, set for this
+    call and reset after it: a nested call (self-speculation) restores the outer one's, and other
+    threads never see it.  It holds the model it belongs to as plain state, so ``copy.deepcopy``
     and pickling hand a copy its own."""
 
     def __init__(self, model):
@@ -313,30 +406,35 @@ class PatchedGenerate:
         tokens = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
+        ends = None
         if prompt_lengths is not None:
             _require_decode_full(state["settings"])
             ends = prompt_ends(prompt_lengths, tokens.shape[0], tokens.shape[1])
-            state["generate_prompt_end"] = {"ends": ends, "explicit": True}
         elif tokens is not None:
-            state["generate_prompt_end"] = {"ends": torch.tensor([tokens.shape[1]]), "explicit": False}
-        state["generate_rollback"] = _check_rollback(kwargs, draft_length(model, kwargs))
+            ends = torch.tensor([tokens.shape[1]])
+        call = GenerateCall(state, ends, _check_rollback(kwargs, draft_length(model, kwargs)))
+        token = _GENERATE_CALLS.set(_GENERATE_CALLS.get() + (call,))
         try:
             return type(model).generate(model, *args, **kwargs)
         finally:
-            state["generate_prompt_end"] = state["generate_rollback"] = None
+            _GENERATE_CALLS.reset(token)
 
 
 def draft_length(model, kwargs: dict) -> int:
     """The most drafted tokens one verification step of this ``generate()`` call may reject:
-    ``num_assistant_tokens`` of the draft's generation config (with ``assistant_model``, or for
-    the draft itself), ``prompt_lookup_num_tokens``, else 0."""
+    ``num_assistant_tokens`` of the draft's generation config (with ``assistant_model``, for the
+    draft itself, or the model's own with ``assistant_early_exit``), ``prompt_lookup_num_tokens``,
+    else 0."""
     config = kwargs.get("generation_config") or model.generation_config
     assistant = kwargs.get("assistant_model")
     lookup = kwargs.get("prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None))
+    early_exit = kwargs.get("assistant_early_exit", getattr(config, "assistant_early_exit", None))
     if getattr(config, "is_assistant", False):
         draft_config = config
     elif assistant is not None:
         draft_config = assistant.generation_config
+    elif early_exit:                        # the model's first layers draft, with its own settings
+        draft_config = model.generation_config
     elif lookup:
         return int(lookup)
     else:
@@ -358,17 +456,19 @@ def _check_rollback(kwargs: dict, needed: int) -> int:
     return needed
 
 
-_MODULE_HOOKS = ("_top_level_hook", "_end_of_forward", "_announce_step", "_pending_layout")
+_MODULE_HOOKS = ("_hand_labels_down", "_begin_forward", "_end_forward", "_pending_layout")
 
 
 def install_generation_hooks(model) -> None:
     """Hooks that make a patched model (and its ``generate()``) use an SWACache, and the
     ``generate`` wrapper.  Every hook is a module-level function that finds its state through
-    the module it runs on: nothing captures ``model``."""
-    from . import compat
-    model.register_forward_pre_hook(_top_level_hook, with_kwargs=True)
-    model.register_forward_hook(_end_of_forward, with_kwargs=True, always_call=True)
-    model.base_model.register_forward_pre_hook(_announce_step, with_kwargs=True)
+    the module it runs on: nothing captures ``model``.  The backbone holds the model's state
+    under :data:`~swa_patch.state.BACKBONE_ATTR` (one object, shared, so copies keep sharing it)."""
+    backbone = model.base_model
+    setattr(backbone, BACKBONE_ATTR, patch_state(model))
+    model.register_forward_pre_hook(_hand_labels_down, with_kwargs=True)
+    backbone.register_forward_pre_hook(_begin_forward, with_kwargs=True)
+    backbone.register_forward_hook(_end_forward, with_kwargs=True)
     for _, module in compat.attention_modules(model):
         module.register_forward_pre_hook(_pending_layout, with_kwargs=True)
     model.generate = PatchedGenerate(model)
@@ -386,4 +486,5 @@ def remove_generation_hooks(model) -> None:
                 del hooks[hook_id]
                 for extra in linked:
                     extra.pop(hook_id, None)
+        module.__dict__.pop(BACKBONE_ATTR, None)
     model.__dict__.pop("generate", None)

@@ -11,9 +11,14 @@ from .backends import check_available
 from .config import SWAConfig
 from .families import family_of, native_full_layers
 from .generation import install_generation_hooks, remove_generation_hooks
-from .state import STATE_ATTR, find_patched, layer_specs, patch_settings, patch_state
+from .state import STATE_ATTR, PatchState, find_patched, layer_specs, patch_settings, patch_state
 
 logger = logging.getLogger("swa_patch")
+
+# Registered when swa_patch is imported, not only inside patch_model: a patched model unpickled
+# in a fresh process (torch.load imports swa_patch for its hooks) finds its attention function.
+# This adds a name to transformers' registries; it changes nothing that is already there.
+compat.register(swa_attention, mask_builder)
 
 CONFIG_KEY = "swa_patch"      # namespaced block written into config.json
 __all__ = ["original_attention", "patch_model", "unpatch_model", "patch_settings", "layer_specs"]
@@ -57,8 +62,7 @@ def patch_model(model, window=None, sinks: int = 0, **options):
         raise ValueError(f"found {len(modules)} attention modules for {n_layers} layers in "
                          f"{type(model).__name__}; cannot patch this architecture")
 
-    compat.register(swa_attention, mask_builder)
-    state = {"settings": settings, "attn": compat.attn_implementation(model), "specs": specs}
+    state = PatchState(settings=settings, attn=compat.attn_implementation(model), specs=specs)
     for idx, module in modules:
         module._swa_plan = LayerPlan(specs[idx], settings.backend)
     compat.set_attn_implementation(model, compat.ATTN_NAME)
@@ -115,11 +119,16 @@ def original_attention(model):
     it had before :func:`patch_model`: the model's own attention function, masks and caches,
     exactly; the window comes back when the block ends, even on an error.  Distillation uses
     it as the teacher: ``with peft_model.disable_adapter(), original_attention(peft_model):``
-    gives the original model's logits from the same weights, no second copy held."""
+    gives the original model's logits from the same weights, no second copy held.
+
+    The switch belongs to the model object (its config names the attention function every layer
+    calls), so it holds for every forward of that model while the block is open, in any thread;
+    a copy taken inside the block is a patched model of its own."""
     base = find_patched(model)
     state = patch_state(base)
     if state.get("suspended"):
         raise RuntimeError("original_attention blocks do not nest: this model is already inside one")
+    state.pop("resume", None)
     compat.set_attn_implementation(base, state["attn"])
     state["suspended"] = True
     try:

@@ -1,18 +1,35 @@
-"""Where a patched model keeps what ``patch_model`` did: one dict on the model object.
+"""Where a patched model keeps what ``patch_model`` did: one :class:`PatchState` on the model object.
 
 Keys: ``settings`` (:class:`~swa_patch.config.SWAConfig`), ``specs`` (one
 :class:`~swa_patch.masks.LayerSpec` per layer), ``attn`` (the attention implementation to
-restore), ``suspended`` (inside :func:`swa_patch.original_attention`), and for the
-``generate`` call in progress: ``generate_prompt_end`` (where its prompt ends, for
-decode="full") and ``generate_rollback`` (drafted tokens a crop may remove).  Nothing else
-of the patch lives outside the model's own modules, so a deep copy carries all of it.
+restore), ``suspended`` (inside :func:`swa_patch.original_attention`) and ``resume`` (a copy
+taken inside that block: its attention comes back on first use).  The backbone (the
+base model whose forward runs the layers) holds the same object under :data:`BACKBONE_ATTR`, so
+its hooks see the patch however it is called (``model(...)``, ``model.model(...)``,
+``get_decoder()``).  What a single forward or ``generate()`` call works out (packed documents,
+the prompt boundary, drafted tokens to roll back) is never stored here: it travels with that
+call (:mod:`swa_patch.generation`).  Nothing else of the patch lives outside the model's own
+modules, so a deep copy or a pickle carries all of it.
 """
 from __future__ import annotations
 
 STATE_ATTR = "_swa_patch_state"
+BACKBONE_ATTR = "_swa_patch_backbone_state"
 
 
-def patch_state(model) -> dict | None:
+class PatchState(dict):
+    """The patch of one model.  ``suspended`` belongs to the model object inside an
+    ``original_attention`` block, not to a copy of it: a deep copy or a pickle taken inside the
+    block is a patched model of its own (its hooks switch its attention back on first use)."""
+
+    def __reduce__(self):
+        kept = {key: value for key, value in self.items() if key != "suspended"}
+        if self.get("suspended"):                 # its config holds the original implementation
+            kept["resume"] = True
+        return PatchState, (kept,)
+
+
+def patch_state(model) -> PatchState | None:
     return getattr(model, STATE_ATTR, None)
 
 

@@ -186,8 +186,9 @@ def test_attention_of_packed_rows_with_padding_matches_the_reference(backend, sp
 
 @pytest.mark.parametrize("sinks", [0, 3])
 def test_flash_path_runs_each_document_on_its_own(monkeypatch, sinks):
-    """Documents longer than the decode cut-off (128 queries), so flash runs them (a stand-in of
-    flash_attn_func here, as in test_backends); reference: the explicit mask with documents."""
+    """Documents longer than the decode cut-off (128 queries), so flash runs them, right padding and
+    all (a stand-in of flash_attn_func here, as in test_backends); reference: the explicit mask with
+    documents."""
     calls = []
     monkeypatch.setattr(flash, "flash_attn_func", lambda *a, **k: calls.append(a[0].shape[1]) or flash_stand_in(*a, **k))
     lengths = (140, 131, 150)
@@ -198,7 +199,7 @@ def test_flash_path_runs_each_document_on_its_own(monkeypatch, sinks):
     mask = reference_mask(spec, sum(lengths), documents=documents(lengths)[3])
     ref = math_attention(q, k, v, mask[:, None], 16 ** -0.5).transpose(1, 2)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
-    assert set(lengths) <= set(calls)
+    assert 160 in calls          # the band call: the three documents as rows right-padded to 160
 
 
 # ---- refusals: before any weight is touched ----

@@ -29,9 +29,9 @@ def _greedy(model, ids, new=12, **kw):
 
 
 def _fresh(weights_of, settings, family="llama"):
-    """A newly built model of ``family`` with the weights of ``weights_of``, patched with
-    ``settings`` (None: left unpatched)."""
-    model = tiny_model(family)
+    """A newly built model of ``family`` (its number of layers from ``weights_of``) with the
+    weights of ``weights_of``, patched with ``settings`` (None: left unpatched)."""
+    model = tiny_model(family, num_hidden_layers=weights_of.config.num_hidden_layers)
     model.load_state_dict(weights_of.state_dict())
     return model if settings is None else patch_model(model, settings=settings)
 
@@ -79,9 +79,23 @@ def test_a_copy_generates_with_its_own_weights(clone, decode):
 
 
 def test_a_shallow_copy_is_the_same_patched_model():
+    """``copy.copy`` shares the modules: it runs the patched model (the unpatched model under the
+    explicit mask; the tokens of a freshly patched model with the same weights), and a weight
+    changed through it changes the original too."""
     model = patch_model(tiny_model("llama"), window=W, sinks=2, decode="full", backend="sdpa")
     ids = _ids(14)
-    torch.testing.assert_close(_greedy(copy.copy(model), ids), _greedy(model, ids), atol=0, rtol=0)
+    shallow = copy.copy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(shallow(ids).logits, reference_logits(_fresh(model, None), layer_specs(model), ids),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(_greedy(shallow, ids), _greedy(_fresh(model, patch_settings(model)), ids),
+                                   atol=0, rtol=0)
+        before = _greedy(model, ids)
+        weight = shallow.model.layers[0].mlp.up_proj.weight
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    after = _greedy(model, ids)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, _greedy(_fresh(shallow, patch_settings(model)), ids), atol=0, rtol=0)
 
 
 # ---- 2. decode="full" never runs dense without being asked ------------------------------------
@@ -101,13 +115,29 @@ def test_plain_labels_with_decode_full_are_refused_unless_the_boundary_is_given(
     torch.testing.assert_close(explicit, unpatch_model(model)(ids, labels=ids).loss, atol=1e-5, rtol=0)
 
 
-def test_a_one_token_prompt_with_decode_full_is_refused_unless_the_boundary_is_given():
+def test_a_one_token_prompt_with_decode_full_runs_and_its_answer_attends_everything():
+    """A one-token prompt has nothing to window: its answer attends every earlier key, so the tokens
+    are the unpatched model's (and not the window's).  In a left-padded batch a one-token row runs
+    too, however generate() feeds the prompt: every step's logits equal the unpatched model's under
+    the explicit mask with the batch's boundary, and each row's tokens equal that row alone."""
     model = patch_model(tiny_model("llama"), window=W, decode="full", backend="sdpa")
-    with pytest.raises(ValueError, match="prompt_lengths="):
-        _greedy(model, _ids(1))
+    one = _ids(1, seed=2)
+    unpatched = _greedy(_fresh(model, None), one, new=20)
+    torch.testing.assert_close(_greedy(model, one, new=20), unpatched, atol=0, rtol=0)
+    windowed = patch_model(_fresh(model, None), window=W, backend="sdpa")
+    assert not torch.equal(_greedy(windowed, one, new=20), unpatched)     # a window would show
+    ids, mask = _left_padded([12, 1])
+    full_mask = torch.cat([mask, torch.ones(2, 20, dtype=mask.dtype)], 1)
+    for feed in ({}, dict(prefill_chunk_size=4)):
+        out = _greedy(model, ids, attention_mask=mask, new=20, output_logits=True, return_dict_in_generate=True,
+                      **feed)
+        reference = reference_logits(_fresh(model, None), layer_specs(model), out.sequences, full_mask,
+                                     torch.tensor([11, 11]))[:, 11:-1]
+        torch.testing.assert_close(torch.stack(out.logits, 1), reference, atol=2e-5, rtol=0, msg=str(feed))
+        torch.testing.assert_close(out.sequences[1:, 11:], _greedy(model, ids[1:, 11:], new=20), atol=0, rtol=0)
+        torch.testing.assert_close(out.sequences[:1], _greedy(model, ids[:1], new=20), atol=0, rtol=0)
     with pytest.raises(ValueError, match="first real token"):   # a manual stream that starts with one token
         model(_ids(1), cache=make_cache(model))
-    assert _greedy(model, _ids(1), prompt_lengths=1).shape == (1, 13)
 
 
 # ---- 3. beams, sampling, several return sequences with per-row boundaries ---------------------
@@ -164,21 +194,32 @@ def test_static_cache_beams_equal_the_dynamic_cache():
 
 
 # ---- 4. speculative decoding: the rolling cache rolls back what a draft got wrong --------------
-def _true_logits(model, ids):
-    """Token-by-token logits of ``ids`` through a plain rolling cache (no rollback)."""
-    cache = make_cache(model)
+def _reference_logits(model, family, ids, positions, sinks):
+    """What each token's logits must be, from the unpatched model: in position mode "original" its
+    parallel forward under the explicit band + sinks mask; in "shift" (a one-layer model, so a step
+    depends on the tokens it keeps) a re-encoding of the sinks and the window at their in-cache
+    positions, step by step (``test_cache._kept``)."""
+    plain = _fresh(model, None, family)
+    if positions == "original":
+        return reference_logits(plain, layer_specs(model), ids)
+    from test_cache import _kept
+    real = torch.ones(ids.shape[1], dtype=torch.bool)
     with torch.no_grad():
-        return torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(ids.shape[1])], 1)
+        return torch.stack([plain(*_kept(ids[0], real, t, sinks, W)[:1],
+                                  position_ids=_kept(ids[0], real, t, sinks, W)[1]).logits[0, -1]
+                            for t in range(ids.shape[1])])[None]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
 @pytest.mark.parametrize("positions", ["original", "shift"])
 def test_crop_within_rollback_equals_never_having_seen_the_dropped_tokens(family, positions):
     """Real tokens interleaved with drafted junk that is cropped again (as a chunk, the way the
-    target verifies, or token by token, the way a draft drafts): the real tokens' logits equal a
-    stream that never saw the junk, past many evictions, sinks and frame rebases."""
-    k = 4
-    model = patch_model(tiny_model(family), window=W, sinks=2, positions=positions, backend="sdpa")
+    target verifies, or token by token, the way a draft drafts): the real tokens' logits equal the
+    unpatched model's on a stream that never saw the junk, past many evictions, sinks and frame
+    rebases."""
+    k, sinks = 4, 2
+    layers = dict(num_hidden_layers=1) if positions == "shift" else {}
+    model = patch_model(tiny_model(family, **layers), window=W, sinks=sinks, positions=positions, backend="sdpa")
     ids, junk = _ids(48, seed=1), _ids(48 * k, seed=2)
     cache = make_cache(model, rollback=k)
     got, t = [], 0
@@ -196,7 +237,10 @@ def test_crop_within_rollback_equals_never_having_seen_the_dropped_tokens(family
             got.append(logits)
             t += real
     assert cache.base > 0 or positions == "original"                  # shift mode rebased on the way
-    torch.testing.assert_close(torch.cat(got, 1), _true_logits(model, ids), atol=1e-5, rtol=0)
+    reference = _reference_logits(model, family, ids, positions, sinks)
+    torch.testing.assert_close(torch.cat(got, 1), reference, atol=1e-5, rtol=0)
+    plain = _reference_logits(model, family, torch.cat([ids[:, :1], junk[:, :47]], 1), positions, sinks)
+    assert (torch.cat(got, 1) - plain).abs().max() > 1e-3             # other tokens give other logits
 
 
 def test_crop_beyond_the_reserved_rollback_is_refused():
