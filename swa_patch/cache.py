@@ -25,9 +25,15 @@ Absolute positions live in a *frame*: queries get ``t - base``; cached keys are 
 ``t - base``; when ``t - base`` reaches ``2 * (S + span_max)`` the frame is rebased and the
 cached keys are re-rotated once (amortised O(head_dim) per token and head for a sliding
 layer; full layers re-rotate their whole cache, O(N / (S + span)) per token).  Sinks are
-stored un-rotated and rotated to their offset per decode step (O(S * head_dim)); for a
+stored un-rotated and rotated to their offset per decode step (O(S * head_dim), into the sink
+slots that precede the ring, with cos/sin computed once per step for all layers); for a
 multi-token chunk the query is widened to ``[q, R(-p) q]`` so one kernel call gives every
 query its own sink offset (see :func:`_sink_query`).
+
+A decode step costs about what the unpatched model's step costs: the sink slots and the ring
+share one buffer, so the kernel reads ``[sinks, ring]`` as a view (no per-step copy), and once
+the ring is full, holds no pad and every sink lies before the window, every slot is visible, so
+the layout says ``unmasked`` and the kernel runs without a mask.
 """
 from __future__ import annotations
 
@@ -37,9 +43,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import gather_sinks
-from .backends.layout import KeyLayout
+from .backends.layout import KeyLayout, cat_keys
 from .masks import LayerSpec
-from .rope import LayerRope, rotate
+from .rope import LayerRope, rotate, rotate_half, rotate_with, rotation_tables
 
 
 @dataclass
@@ -50,6 +56,14 @@ class _Step:
     real: torch.Tensor | None           # [B, length] bool, None = all real
     positions: torch.Tensor | None      # [length] frame positions (shift mode)
     memo: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)   # what every layer of the step reuses (see once)
+
+    def once(self, key, make):
+        """``make()`` once per step for all layers (sink indices, sink rotation tables, ...): the
+        same small tensors were built 30 times per decode step (SmolLM2's layers)."""
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
 
 
 class _PendingLayout:
@@ -83,8 +97,9 @@ class SWACache(Cache):
             raise ValueError(f"layers {decode_full} decode fully (decode='full'): their cache keeps every key "
                              "at its original position; positions='shift' cannot apply, use 'original'")
         self.rollback = rollback
-        super().__init__(layers=[self._make_layer(i, s) for i, s in enumerate(specs)])
         self.specs, self.position_mode, self.ropes = list(specs), positions, ropes
+        self.rope_group = _rope_groups(ropes)       # layers whose RoPE is the same share rotation tables
+        super().__init__(layers=[self._make_layer(i, s) for i, s in enumerate(specs)])
         spans = [s.span for s in specs if s.window is not None]
         self.keep = max((s.sinks for s in specs), default=0) + max(spans, default=1)
         self.base = 0                      # frame origin (shift mode)
@@ -257,8 +272,8 @@ class _SWALayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         b, _, q, _ = key_states.shape
         step = self.owner.step_for(self.seen, q, b, key_states.device)
-        real = step.real if step.real is not None else torch.ones(b, q, dtype=torch.bool,
-                                                                    device=key_states.device)
+        real = step.real if step.real is not None else step.once(
+            ("real", b, q), lambda: torch.ones(b, q, dtype=torch.bool, device=key_states.device))
         return step, real
 
     def reset(self) -> None:
@@ -287,7 +302,13 @@ class _SWALayer(CacheLayerMixin):
             setattr(self, name, fn(getattr(self, name)))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if torch.is_tensor(t))
+        """Bytes of the layer's tensors (a sliding layer's ring and sink slots are views that
+        split one buffer: each counts its part)."""
+        held: dict[int, int] = {}
+        for t in vars(self).values():
+            if torch.is_tensor(t):
+                held[t.data_ptr()] = max(held.get(t.data_ptr(), 0), t.numel() * t.element_size())
+        return sum(held.values())
 
 
 class FullLayer(_SWALayer):
@@ -319,7 +340,8 @@ class FullLayer(_SWALayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.key_real = torch.cat([self.key_real, real], dim=1)
         self.padded = self.padded or step.real is not None
-        layout = KeyLayout(self.seen, 0, self.key_real if self.padded else None, memo=step.memo)
+        layout = KeyLayout(self.seen, 0, self.key_real if self.padded else None, memo=step.memo,
+                           unmasked=q == 1 and not self.padded and not self.spec.decode_full)   # sees every key
         if self.spec.decode_full:
             layout.full_from = self.owner.boundary(step, key_states.device)
             if self.spec.sinks:
@@ -349,7 +371,21 @@ class FullLayer(_SWALayer):
 
 
 class SlidingLayer(_SWALayer):
-    """Sink slots ``[B, Hkv, S, D]`` + a rolling buffer ``[B, Hkv, span, D]`` written in place."""
+    """Sink slots ``[B, Hkv, S, D]`` + a rolling buffer ``[B, Hkv, n, D]`` written in place.
+
+    Both live in one buffer per tensor ``[B, Hkv, S + n, D]``: the S sink slots, then the ring;
+    the attributes are views that split it (``keys``/``values``: the ring; ``sink_v``: the value
+    sink slots; the key sink slots are ``sink_k`` in position mode ``original`` and
+    ``sink_slots_k`` in ``shift``, where ``sink_k`` keeps the sinks un-rotated and each decode step
+    writes them, rotated to its offsets, into ``sink_slots_k``).  A decode step so hands the kernel
+    ``[sinks, ring]`` as one view (:func:`~swa_patch.backends.layout.cat_keys`) instead of a copy
+    of the whole ring per layer and step.
+
+    Host-side facts (no device sync per step) say when every slot is visible to a decode query,
+    so that the kernel can drop the mask: ``held_from`` (the ring holds every stream index from
+    there on), ``pads_until`` (no pad at or after it entered the ring) and ``sink_last`` (an upper
+    bound on the newest sink's stream index, read once when the sinks fill).
+    """
     is_sliding = True
 
     def __init__(self, owner: SWACache, layer_idx: int, spec: LayerSpec):
@@ -359,18 +395,42 @@ class SlidingLayer(_SWALayer):
     def lazy_initialization(self, key_states, value_states):
         b, h, _, d = key_states.shape
         dev, s = key_states.device, self.spec.sinks
-        self.keys = key_states.new_zeros(b, h, self.n, d)
-        self.values = value_states.new_zeros(b, h, self.n, value_states.shape[-1])
+        self._split(key_states.new_zeros(b, h, s + self.n, d),
+                    value_states.new_zeros(b, h, s + self.n, value_states.shape[-1]))
         self.slot_index = torch.full((self.n,), -1, dtype=torch.long, device=dev)
         self.slot_real = torch.zeros(b, self.n, dtype=torch.bool, device=dev)
-        self.sink_k = key_states.new_zeros(b, h, s, d)          # shift mode: un-rotated
-        self.sink_v = value_states.new_zeros(b, h, s, value_states.shape[-1])
+        if self.owner.position_mode == "shift":
+            self.sink_k = key_states.new_zeros(b, h, s, d)      # un-rotated (frame position 0)
+            self.sink_half = torch.zeros_like(self.sink_k)      # rotate_half(sink_k), for _add_sinks
+            self.sink_offset = s + self.spec.span - 1 - torch.arange(s, device=dev)
         self.sink_filled = torch.zeros(b, s, dtype=torch.bool, device=dev)
-        self.sinks_full = False
+        self.sinks_full, self.sink_last = False, None
+        self.held_from = self.pads_until = 0
         self.is_initialized = True
 
+    def _split(self, keys_all: torch.Tensor, values_all: torch.Tensor) -> None:
+        """Point the attributes at the sink slots and the ring of ``[B, Hkv, S + n, D]`` buffers."""
+        s = self.spec.sinks
+        self.keys, self.values = keys_all[:, :, s:], values_all[:, :, s:]
+        self.sink_v = values_all[:, :, :s]
+        if self.owner.position_mode == "original":
+            self.sink_k = keys_all[:, :, :s]
+        else:
+            self.sink_slots_k = keys_all[:, :, :s]
+
+    def _key_sink_slots(self) -> torch.Tensor:
+        return self.sink_k if self.owner.position_mode == "original" else self.sink_slots_k
+
     def _batch_tensors(self):
-        return ["keys", "values", "slot_real", "sink_k", "sink_v", "sink_filled"]
+        shift = self.owner.position_mode == "shift"
+        return ["slot_real", "sink_filled"] + (["sink_k", "sink_half"] if shift else [])
+
+    def map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        keys_all, values_all = cat_keys(self._key_sink_slots(), self.keys), cat_keys(self.sink_v, self.values)
+        super().map_batch(fn)                     # the tensors of _batch_tensors
+        self._split(fn(keys_all), fn(values_all))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if query_length == 1:
@@ -402,7 +462,7 @@ class SlidingLayer(_SWALayer):
         ``frame_base``: the stream index at frame position 0 of ``k`` (default: the cache's)."""
         s = self.spec.sinks
         first = self.owner.first_real
-        sink_index = first[:, None] + torch.arange(s, device=k.device)
+        sink_index = step.once(("sink_index", s), lambda: first[:, None] + torch.arange(s, device=k.device))
         if not s or (sync and self.sinks_full):
             return sink_index
         local = sink_index - step.start
@@ -421,17 +481,49 @@ class SlidingLayer(_SWALayer):
             self.sink_k.copy_(torch.where(sel, gk, self.sink_k))
             self.sink_v.copy_(torch.where(sel, gv, self.sink_v))
             self.sink_filled |= new
+            if sync and self.owner.position_mode == "shift":     # (static decode steps do not use it)
+                self.sink_half.copy_(rotate_half(self.sink_k, rope))
             if sync:
-                self.sinks_full = bool(self.sink_filled.all())   # no more device syncs per step
+                self._note_sinks_full()                  # then no more device syncs per step
         return sink_index
+
+    def _note_sinks_full(self) -> None:
+        """Whether every row's sinks are stored; when they first are, ``sink_last`` (one sync)."""
+        was = self.sinks_full
+        self.sinks_full = bool(self.sink_filled.all())
+        if self.sinks_full and not was:
+            self.sink_last = int(self.owner.first_real.max()) + self.spec.sinks - 1
+
+    def _note_held(self, step: _Step) -> None:
+        """After writing the step's tokens: the ring holds every index from ``held_from`` on (the
+        n newest at most: a crop only removes the newest), and pads, if any, end before
+        ``pads_until``."""
+        end = step.start + step.length
+        self.held_from = max(self.held_from, end - self.n)
+        if step.real is not None:
+            self.pads_until = end
+
+    def _all_visible(self, i: int) -> bool:
+        """Whether query ``i`` (just written) sees every slot of ``[sinks, ring]``, so the kernel
+        needs no mask: an undilated window whose ring (no spare rollback slots) holds exactly the
+        ``span`` tokens of the band, none a pad, and every row's sinks stored and older than the band
+        (a sink inside the band would be counted twice without the mask)."""
+        spec, band_start = self.spec, i - self.spec.span + 1
+        if spec.dilation != 1 or spec.head_dilations is not None or self.n != spec.span:
+            return False
+        if self.held_from > band_start or self.pads_until > band_start:
+            return False
+        return not spec.sinks or (self.sinks_full and self.sink_last < band_start)
 
     def _decode(self, k, v, step: _Step, real):
         slot = step.start % self.n
-        self.keys[:, :, slot] = k[:, :, 0]
-        self.values[:, :, slot] = v[:, :, 0]
+        self.keys.narrow(2, slot, 1).copy_(k)
+        self.values.narrow(2, slot, 1).copy_(v)
         self.slot_index[slot] = step.start
-        self.slot_real[:, slot] = real[:, 0]
-        layout = KeyLayout(step.start, 0, self.slot_real, memo=step.memo, key_index=self.slot_index)
+        self.slot_real.narrow(1, slot, 1).copy_(real)
+        self._note_held(step)
+        layout = KeyLayout(step.start, 0, self.slot_real, memo=step.memo, key_index=self.slot_index,
+                           unmasked=self._all_visible(step.start))
         return self.keys, self.values, layout
 
     def _stored_keys(self, slots: torch.Tensor) -> torch.Tensor:
@@ -455,27 +547,32 @@ class SlidingLayer(_SWALayer):
         self.values[:, :, idx % self.n] = values[:, :, -keep:]
         self.slot_index[idx % self.n] = idx
         self.slot_real[:, idx % self.n] = key_real[:, -keep:]
+        self._note_held(step)
         layout = KeyLayout(step.start, step.start - old, key_real, memo=step.memo)
         return keys, values, layout
 
     def _add_sinks(self, layout: KeyLayout, step: _Step, sink_index) -> None:
-        layout.sink_index, layout.sink_valid = sink_index, self.sink_filled.clone()
+        layout.sink_index = sink_index          # once full, the sinks' validity never changes in place
+        layout.sink_valid = self.sink_filled if self.sinks_full else self.sink_filled.clone()
         if self.owner.position_mode == "original":
             layout.sink_k, layout.sink_v = self.sink_k, self.sink_v
             return
         rope = self.owner.ropes[self.layer_idx]
-        offset = self.spec.sinks + self.spec.span - 1 - torch.arange(self.spec.sinks, device=self.sink_k.device)
-        if step.length == 1:      # one query: rotate the S sinks to (query position - offset)
-            layout.sink_k = rotate(self.sink_k, step.positions[0] - offset, rope)
+        if step.length == 1:      # one query: rotate the S sinks to (query position - offset), in place
+            s, dim = self.spec.sinks, self.sink_k.shape[-1]
+            key = ("sink_rotation", self.owner.rope_group[self.layer_idx], s, self.spec.span, dim, self.sink_k.dtype)
+            cos, sin = step.once(key, lambda: rotation_tables(step.positions[0] - self.sink_offset, rope, dim,
+                                                              self.sink_k.dtype))
+            layout.sink_k = rotate_with(self.sink_k, self.sink_half, cos, sin, out=self.sink_slots_k)
             layout.sink_v = self.sink_v
             return
-        layout.sink_k = _widen(rotate(self.sink_k, -offset, rope), 1)
+        layout.sink_k = _widen(rotate(self.sink_k, -self.sink_offset, rope), 1)
         layout.sink_v = _widen(self.sink_v, 0)
         layout.query_extra = _sink_query(step.positions, rope)
 
     def shift_frame(self, delta: int, rope: LayerRope) -> None:
         if self.is_initialized:
-            self.keys = rotate(self.keys, delta, rope)
+            self.keys.copy_(rotate(self.keys, delta, rope))     # in place: the ring stays a view
 
     def check_crop(self, new_len: int) -> None:
         """The next query (stream index ``new_len``) needs keys from ``new_len - span + 1`` on;
@@ -496,8 +593,23 @@ class SlidingLayer(_SWALayer):
             self.slot_real[:, gone] = False
             first = self.owner.first_real[:, None] + torch.arange(self.spec.sinks, device=self.keys.device)
             self.sink_filled = self.sink_filled & (first < new_len)
-            self.sinks_full = bool(self.sink_filled.all())
+            self._note_sinks_full()
         self.seen = new_len
+
+
+def _rope_groups(ropes: list[LayerRope] | None) -> list[int] | None:
+    """Per layer, the first layer with the same RoPE frequencies (most models: one for all)."""
+    if ropes is None:
+        return None
+    firsts: list[int] = []
+    groups: list[int] = []
+    for i, rope in enumerate(ropes):
+        same = (j for j in firsts if ropes[j].inv_freq.shape == rope.inv_freq.shape
+                and torch.equal(ropes[j].inv_freq, rope.inv_freq))
+        groups.append(next(same, i))
+        if groups[-1] == i:
+            firsts.append(i)
+    return groups
 
 
 def _widen(x: torch.Tensor, half: int) -> torch.Tensor:

@@ -377,3 +377,43 @@ def test_full_layers_in_the_cache_keep_the_unmasked_causal_kernel(monkeypatch):
         mask[0, :3] = 0
         model(ids, attention_mask=mask, cache=make_cache(model))
         assert (30, True, True) not in calls and (30, False, False) in calls
+
+
+@pytest.mark.parametrize("positions,sinks", [("original", 2), ("shift", 2), ("shift", 0)])
+@pytest.mark.parametrize("rollback", [0, 3])
+def test_decode_drops_the_mask_only_where_every_slot_is_visible(monkeypatch, positions, sinks, rollback):
+    """A decode step over a full ring without pads, with every sink older than the window, runs
+    without a mask (``layout.unmasked``) over ``[sink slots, ring]`` as one view of the cache's
+    buffer.  Wherever it does, the mask it skips is all True, and the logits equal those of the
+    same stream with the mask always built.  The ring filling (sinks inside the band), pads still
+    in the ring (left padding, a pad mid-stream), spare rollback slots and a dilated window keep
+    the mask."""
+    import dataclasses
+
+    from swa_patch import cache as cache_module
+    from swa_patch.backends import sdpa
+    seen, dense = [], sdpa._dense
+
+    def spy(q, k, v, layout, spec, *args):
+        if layout.key_index is not None:                 # a decode step over a sliding layer's ring
+            mask = dataclasses.replace(layout, memo=None).dense_mask(spec, 1, k.shape[2], q.shape[0], q.device)
+            joined = layout.keys_with_sinks(k, v)[0]
+            view = not layout.n_sinks or joined.data_ptr() == layout.sink_k.data_ptr()
+            seen.append((spec.dilation, layout.unmasked, bool(mask.all()), view))
+        return dense(q, k, v, layout, spec, *args)
+    monkeypatch.setattr(sdpa, "_dense", spy)
+    model = patch_model(tiny_model("llama"), window=W, sinks=sinks, dilation=[1, 2], positions=positions,
+                        backend="sdpa")
+    ids = ids_for(30, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[0, 15] = 0
+    streams = [(ids, mask), (ids[:1], None)]          # with pads, and without (the ring filling alone)
+    outs = [stepwise(model, x, make_cache(model, rollback=rollback), m)[0] for x, m in streams]
+    assert all(full for _, unmasked, full, _ in seen if unmasked), "a mask that hides a slot was dropped"
+    assert all(view for *_, view in seen), "the sink slots and the ring were copied, not joined"
+    assert any(unmasked for _, unmasked, *_ in seen) == (rollback == 0)
+    assert not any(unmasked for d, unmasked, *_ in seen if d > 1)
+    monkeypatch.setattr(cache_module.SlidingLayer, "_all_visible", lambda self, i: False)
+    for out, (x, m) in zip(outs, streams):
+        masked, _ = stepwise(model, x, make_cache(model, rollback=rollback), m)
+        torch.testing.assert_close(out, masked, atol=ATOL, rtol=0)

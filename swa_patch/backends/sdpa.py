@@ -77,7 +77,8 @@ def _dilated(q, k, v, layout, spec, scale, softcap, s_aux):
 
 
 def _dense(q, k, v, layout, spec, scale, softcap, s_aux):
-    """The band covers every key: one SDPA call (plain causal when nothing else applies)."""
+    """The band covers every key: one SDPA call (plain causal when nothing else applies; no mask
+    when the layout says every slot is visible, e.g. a decode step over a full ring without pads)."""
     lq, lk = q.shape[2], k.shape[2]
     plain = (layout.key_index is None and layout.key_real is None and not layout.n_sinks and lq == lk
              and layout.q_start == layout.k_start and not softcap and s_aux is None
@@ -86,7 +87,7 @@ def _dense(q, k, v, layout, spec, scale, softcap, s_aux):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2)
-    mask = layout.dense_mask(spec, lq, lk, q.shape[0], q.device)
+    mask = None if layout.unmasked else layout.dense_mask(spec, lq, lk, q.shape[0], q.device)
     k, v = layout.keys_with_sinks(k, v)
     return fused_attention(q, k, v, mask, scale, softcap, s_aux).transpose(1, 2)
 
