@@ -117,7 +117,7 @@ def run_plan(plan: LayerPlan, query, key, value, attention_mask: MaskInfo | None
         out = _attend_decode_full(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
     else:
         out = _attend_spec(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
-    return out[..., :dim]
+    return out if layout.query_extra is None else out[..., :dim]
 
 
 def _attend_documents(plan, query, key, value, info: MaskInfo, scaling, softcap, s_aux, swa_keys):
@@ -362,9 +362,12 @@ def choose_backend(requested: str, query, spec: LayerSpec, layout: KeyLayout, s_
     lq = query.shape[2]
     if requested in ("eager", "sdpa"):
         return requested
-    if lq <= DECODE_MAX_QUERIES:
-        choice, why = "sdpa", f"{lq} queries (decode step or small chunk)"
-    elif layout.key_index is not None:
+    if lq <= DECODE_MAX_QUERIES:        # every decode step: decided before any logging work
+        if requested not in _logged_short:
+            _logged_short.add(requested)
+            _log_choice(requested, "sdpa", f"calls of <= {DECODE_MAX_QUERIES} queries (decode steps, small chunks)")
+        return "sdpa"
+    if layout.key_index is not None:
         choice, why = "sdpa", "keys from a ring buffer (dense kernel over the cache)"
     elif requested in ("flash", "flash4") and (layout.key_real is not None):
         choice, why = "sdpa", "left padding (flash path here is unpadded)"
@@ -386,8 +389,16 @@ def choose_backend(requested: str, query, spec: LayerSpec, layout: KeyLayout, s_
         choice, why = "sdpa", f"CPU prefill ({lq} queries; flex would compile for no gain)"
     else:
         choice, why = "sdpa", f"short prefill ({lq} queries)"
+    _log_choice(requested, choice, why)
+    return choice
+
+
+_logged_short: set = set()
+
+
+def _log_choice(requested: str, choice: str, why: str) -> None:
+    """Log each kind of choice once."""
     key = (requested, choice, why.split(" (")[0])
     if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         logger.info("swa_patch: backend=%r runs %r for %s", requested, choice, why)
-    return choice

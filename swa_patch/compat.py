@@ -1,6 +1,10 @@
 """Every touch of transformers internals lives here, so a release bump is a one-file change."""
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -24,6 +28,23 @@ def attention_modules(model):
         if type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int):
             found.append((module.layer_idx, module))
     return found
+
+
+@functools.cache
+def _update_call_passes_kwargs(cls) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"\.update\([^)]*\bkwargs=kwargs", source) is not None
+
+
+def cache_update_gets_kwargs(module) -> bool:
+    """Whether the attention module passes its ``kwargs`` to ``cache.update`` (so an SWACache can
+    hand the attention function its key layout in them).  Read from the forward's source; where it
+    cannot be read, or the call passes none (GPT-NeoX), False: the patch then adds a pre-hook that
+    carries the layout instead."""
+    return _update_call_passes_kwargs(type(module))
 
 
 def attn_implementation(model) -> str | None:

@@ -258,7 +258,7 @@ def _documents(state, args, kwargs, cache, prompt_lengths) -> packing.Starts | N
     tokens = _tokens(args, kwargs)
     mask = kwargs.get("attention_mask")
     mask = mask.padding if isinstance(mask, MaskInfo) else mask
-    if tokens is None or tokens.dim() < 2:
+    if tokens is None or tokens.dim() < 2 or tokens.shape[1] == 1:     # one token per row: one document
         return None
     starts = packing.document_starts(kwargs, tokens.shape[0], tokens.shape[1], mask)
     if starts is None:
@@ -374,6 +374,9 @@ def _announce_step(args, kwargs, cache: SWACache) -> dict:
     if isinstance(mask, torch.Tensor) and mask.dim() != 2:
         raise ValueError("SWACache needs a 2-D attention_mask [batch, tokens] (or none)")
     positions = cache.begin(tokens.shape[1], mask, tokens.shape[0], tokens.device)
+    # The cache now knows the pads and hands every layer its own layout: the mask builder needs no
+    # padding mask (which would cost it a host sync to learn there is none).
+    kwargs = {**kwargs, "attention_mask": None}
     return kwargs if positions is None else {**kwargs, "position_ids": positions}
 
 
@@ -470,7 +473,8 @@ def install_generation_hooks(model) -> None:
     backbone.register_forward_pre_hook(_begin_forward, with_kwargs=True)
     backbone.register_forward_hook(_end_forward, with_kwargs=True)
     for _, module in compat.attention_modules(model):
-        module.register_forward_pre_hook(_pending_layout, with_kwargs=True)
+        if not compat.cache_update_gets_kwargs(module):
+            module.register_forward_pre_hook(_pending_layout, with_kwargs=True)
     model.generate = PatchedGenerate(model)
 
 
