@@ -137,6 +137,10 @@ class SWACache(Cache):
         self._step = _Step(start, q_len, real, positions)
         return None if positions is None else positions[None].expand(batch_size, q_len)
 
+    def step_is_unpadded(self) -> bool:
+        """Whether the forward just announced (:meth:`begin`) brings no pad."""
+        return self._step is not None and self._step.real is None
+
     def record_boundary(self, full_from: torch.Tensor) -> None:
         """Record each row's prompt boundary (``[B]`` or ``[1]``: the stream index of the first
         query that attends every earlier key in decode_full layers).  Recorded once: a later

@@ -374,9 +374,10 @@ def _announce_step(args, kwargs, cache: SWACache) -> dict:
     if isinstance(mask, torch.Tensor) and mask.dim() != 2:
         raise ValueError("SWACache needs a 2-D attention_mask [batch, tokens] (or none)")
     positions = cache.begin(tokens.shape[1], mask, tokens.shape[0], tokens.device)
-    # The cache now knows the pads and hands every layer its own layout: the mask builder needs no
-    # padding mask (which would cost it a host sync to learn there is none).
-    kwargs = {**kwargs, "attention_mask": None}
+    if mask is not None and cache.step_is_unpadded():
+        # the cache hands every layer its own layout: the mask builder needs no padding mask (it would
+        # cost a host sync to learn there is none).  Kept where new tokens are pads (models warn without).
+        kwargs = {**kwargs, "attention_mask": None}
     return kwargs if positions is None else {**kwargs, "position_ids": positions}
 
 
