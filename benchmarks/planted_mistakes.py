@@ -1,4 +1,4 @@
-"""Plant each mistake issue 20 names (a one-line change) in a scratch worktree and run the tests
+"""Plant each mistake issues 20 and 28 name (a one-line change) in a scratch worktree and run the tests
 that should catch it; prints one line per mistake: caught (the tests failed) or MISSED.
 
     python benchmarks/planted_mistakes.py [--only NAME ...]
@@ -37,8 +37,17 @@ MISTAKES = {
     "decode='full' boundary one row late": ("swa_patch/generation.py", "    full_from = (ends - 1).to(tokens.device)",
                                            "    full_from = ends.to(tokens.device)", ["tests/test_decode_full.py"]),
     "packed documents see each other": ("swa_patch/generation.py",
-                                        "    facts.documents = _documents(state, args, kwargs, cache, prompt_lengths)",
-                                        "    facts.documents = None", ["tests/test_packed.py"]),
+                                        "    documents = _documents(state, args, kwargs, cache, prompt_lengths)",
+                                        "    documents = None", ["tests/test_packed.py"]),
+    "a nested generate() clears the outer call's state": ("swa_patch/generation.py",
+                                                          "            _GENERATE_CALLS.reset(token)",
+                                                          "            _GENERATE_CALLS.set(())",
+                                                          ["tests/test_per_forward.py"]),
+    "the backbone called directly skips the hook": ("swa_patch/generation.py",
+                                                    "    backbone.register_forward_pre_hook(_begin_forward, with_kwargs=True)",
+                                                    "    model.register_forward_pre_hook(_begin_forward, with_kwargs=True); "
+                                                    "setattr(model, BACKBONE_ATTR, patch_state(model))",
+                                                    ["tests/test_per_forward.py"]),
     "sink count off by one": ("swa_patch/attention.py",
                               "    index = first[:, None] + torch.arange(spec.sinks, device=key.device)",
                               "    index = first[:, None] + torch.arange(spec.sinks - 1, device=key.device)",
