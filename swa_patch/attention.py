@@ -106,8 +106,11 @@ def run_plan(plan: LayerPlan, query, key, value, attention_mask: MaskInfo | None
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if attention_mask is not None and attention_mask.documents is not None:
         return _attend_documents(plan, query, key, value, attention_mask, scaling, softcap, s_aux, swa_keys)
-    if swa_keys is not None and not isinstance(swa_keys, KeyLayout):
+    if swa_keys is not None and not isinstance(swa_keys, (KeyLayout, SplitKeys)):
         swa_keys = swa_keys.resolve()   # from a cache whose update() got no kwargs (GPT-NeoX)
+    if isinstance(swa_keys, SplitKeys):
+        return _attend_head_groups(plan.backend, query, None, None, None, plan.spec, scaling, softcap, s_aux,
+                                   split=swa_keys)
     layout = swa_keys if swa_keys is not None else contiguous_layout(attention_mask, query, key, value,
                                                                      plan.spec)
     dim = query.shape[-1]
@@ -188,7 +191,7 @@ def _document_groups(info: MaskInfo, lq: int, device) -> list[_DocumentGroup]:
 
 
 def _attend_spec(requested, query, key, value, layout, spec, scaling, softcap, s_aux):
-    if spec.head_dilations is None:
+    if not spec.per_head:
         return _attend(requested, query, key, value, layout, spec, scaling, softcap, s_aux)
     return _attend_head_groups(requested, query, key, value, layout, spec, scaling, softcap, s_aux)
 
@@ -269,13 +272,24 @@ def _attend(requested, query, key, value, layout, spec, scaling, softcap, s_aux)
         return BACKEND_MODULES["sdpa"].attend(query, key, value, layout, spec, scaling, softcap, s_aux)
 
 
-def _attend_head_groups(requested, query, key, value, layout, spec, scaling, softcap, s_aux):
-    """A per-head dilation: the heads that share a dilation form one uniform call (the same
-    work per head as an undilated layer, on any backend); outputs go back to head order."""
-    outs, order = [], []
-    for group_spec, heads in spec.head_groups(query.shape[1]):
-        q, k, v, group_layout, group_aux = _select_heads(query, key, value, layout, s_aux, heads)
-        outs.append(_attend(requested, q, k, v, group_layout, group_spec, scaling, softcap, group_aux))
+def _attend_head_groups(requested, query, key, value, layout, spec, scaling, softcap, s_aux, split=None):
+    """Heads that differ (per-head dilation, per-KV-head window): the heads that share a window
+    and dilation form one uniform call (the same work per head as an undilated layer, on any
+    backend); outputs go back to head order.  ``split`` (:class:`SplitKeys`, from a cache that keeps
+    its full KV heads apart from its rolling ones): each group reads the keys of its own part."""
+    n_kv = key.shape[1] if split is None else split.n_kv
+    dim, outs, order = query.shape[-1], [], []
+    for group_spec, heads in spec.head_groups(query.shape[1], n_kv):
+        k, v, part_layout, held = (key, value, layout, None) if split is None else split.part(group_spec.window is None)
+        q, k, v, group_layout, group_aux = _select_heads(query, k, v, part_layout, s_aux, heads,
+                                                         query.shape[1] // n_kv, held)
+        if group_spec.window is None and group_layout.n_sinks:    # a full head's sinks are among its keys
+            group_layout = dataclasses.replace(group_layout, sink_k=None, sink_v=None, sink_index=None,
+                                               sink_valid=None)
+        if split is not None and group_layout.query_extra is not None:    # a shift-mode chunk's window part
+            q = torch.cat([q, group_layout.query_extra(q)], dim=-1)
+        out = _attend(requested, q, k, v, group_layout, group_spec, scaling, softcap, group_aux)
+        outs.append(out[..., :dim])
         order += heads
     out = torch.cat(outs, dim=2)                                  # [B, q, H, D], group order
     if order != sorted(order):
@@ -283,13 +297,32 @@ def _attend_head_groups(requested, query, key, value, layout, spec, scaling, sof
     return out
 
 
-def _select_heads(query, key, value, layout: KeyLayout, s_aux, heads: list[int]):
+@dataclass
+class SplitKeys:
+    """The keys of a cache layer whose KV heads differ in kind: ``window`` holds the rolling
+    heads (``window_heads``, a ring of constant size), ``full`` the heads that keep every key
+    (``full_heads``); each part is ``(key, value, layout)`` of its own heads only."""
+    n_kv: int
+    window_heads: list[int]
+    window: tuple
+    full_heads: list[int]
+    full: tuple
+
+    def part(self, full: bool) -> tuple:
+        """``(key, value, layout, kv_heads)`` of the full or the windowed heads."""
+        return (*self.full, self.full_heads) if full else (*self.window, self.window_heads)
+
+
+def _select_heads(query, key, value, layout: KeyLayout, s_aux, heads: list[int], per_kv: int | None = None,
+                  kv_heads_held: list[int] | None = None):
     """Query ``heads`` and the key/value heads they read.  Whole GQA groups keep their shared
-    kv heads; a GQA group split across dilations gets one kv head per query head."""
-    per_kv = query.shape[1] // key.shape[1]
-    kv_heads = sorted({h // per_kv for h in heads})
+    kv heads; a GQA group split across dilations gets one kv head per query head.  ``key`` holds
+    the KV heads ``kv_heads_held`` (default: all of them, in order)."""
+    per_kv = per_kv or query.shape[1] // key.shape[1]
+    local = (lambda kv: kv) if kv_heads_held is None else kv_heads_held.index
+    kv_heads = sorted({local(h // per_kv) for h in heads})
     if len(heads) != len(kv_heads) * per_kv:                       # a split GQA group
-        kv_heads = [h // per_kv for h in heads]
+        kv_heads = [local(h // per_kv) for h in heads]
     take = lambda x, idx: None if x is None else _take_heads(x, idx)
     group_layout = dataclasses.replace(layout, sink_k=take(layout.sink_k, kv_heads),
                                        sink_v=take(layout.sink_v, kv_heads))
@@ -319,7 +352,8 @@ def contiguous_layout(info: MaskInfo | None, query, key, value, spec: LayerSpec)
         raise ValueError(f"attention_mask covers {padding.shape[1]} tokens but the stream has "
                          f"{q_start + lq}; pass the mask of every token seen so far")
     key_real = None if padding is None else padding[:, k_start:k_start + lk]
-    oldest_needed = 0 if spec.window is None or spec.decode_full else max(0, q_start - spec.span + 1)
+    keeps_all = spec.window is None or spec.decode_full or spec.has_full_heads
+    oldest_needed = 0 if keeps_all else max(0, q_start - spec.span + 1)
     if k_start > oldest_needed:
         raise RuntimeError(f"the cache kept keys from position {k_start} on, but this layer's "
                            f"{'decode_full attention' if spec.decode_full else 'window'} needs them from "

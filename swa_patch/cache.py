@@ -37,12 +37,13 @@ the layout says ``unmasked`` and the kernel runs without a mask.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import gather_sinks
+from .attention import SplitKeys, gather_sinks
 from .backends.layout import KeyLayout, cat_keys
 from .masks import LayerSpec
 from .rope import LayerRope, rotate, rotate_half, rotate_with, rotation_tables
@@ -109,9 +110,11 @@ class SWACache(Cache):
         self._layouts: dict[int, KeyLayout] = {}
 
     def _make_layer(self, layer_idx: int, spec: LayerSpec):
-        if spec.window is not None and not spec.decode_full:
-            return SlidingLayer(self, layer_idx, spec)
-        return FullLayer(self, layer_idx, spec)
+        if spec.window is None or spec.decode_full:
+            return FullLayer(self, layer_idx, spec)
+        if spec.has_full_heads:
+            return SplitLayer(self, layer_idx, spec)
+        return SlidingLayer(self, layer_idx, spec)
 
     # ---- one forward -------------------------------------------------------------------
     def begin(self, q_len: int, attention_mask: torch.Tensor | None = None, batch_size: int = 1,
@@ -249,7 +252,7 @@ class SWACache(Cache):
     def is_croppable(self) -> bool:
         """Whether ``crop`` restores the cache exactly (transformers' assisted decoding asks):
         with ``rollback`` spare slots reserved, or no rolling layer at all."""
-        return self.rollback > 0 or not any(isinstance(layer, SlidingLayer) for layer in self.layers)
+        return self.rollback > 0 or not any(layer.rolls for layer in self.layers)
 
     @property
     def is_compileable(self) -> bool:
@@ -259,6 +262,7 @@ class SWACache(Cache):
 class _SWALayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
+    rolls = False          # evicts keys (a crop may need rollback slots)
 
     def __init__(self, owner: SWACache, layer_idx: int):
         super().__init__()
@@ -391,6 +395,7 @@ class SlidingLayer(_SWALayer):
     bound on the newest sink's stream index, read once when the sinks fill).
     """
     is_sliding = True
+    rolls = True
 
     def __init__(self, owner: SWACache, layer_idx: int, spec: LayerSpec):
         super().__init__(owner, layer_idx)
@@ -513,7 +518,7 @@ class SlidingLayer(_SWALayer):
         ``span`` tokens of the band, none a pad, and every row's sinks stored and older than the band
         (a sink inside the band would be counted twice without the mask)."""
         spec, band_start = self.spec, i - self.spec.span + 1
-        if spec.dilation != 1 or spec.head_dilations is not None or self.n != spec.span:
+        if spec.dilation != 1 or spec.per_head or self.n != spec.span:
             return False
         if self.held_from > band_start or self.pads_until > band_start:
             return False
@@ -599,6 +604,84 @@ class SlidingLayer(_SWALayer):
             self.sink_filled = self.sink_filled & (first < new_len)
             self._note_sinks_full()
         self.seen = new_len
+
+
+class SplitLayer(_SWALayer):
+    """A layer whose KV heads differ in kind (``window=[[W, None, ...]]``): the windowed heads
+    live in a :class:`SlidingLayer` (sinks + ring, constant memory), the full heads in a
+    :class:`FullLayer` that grows; the attention function gets both parts as
+    :class:`~swa_patch.attention.SplitKeys` and runs each head group on its own part's keys."""
+    is_sliding = False
+    rolls = True
+
+    def __init__(self, owner: SWACache, layer_idx: int, spec: LayerSpec):
+        super().__init__(owner, layer_idx)
+        self.spec = spec
+        self.window_heads = [h for h, w in enumerate(spec.kv_windows) if w is not None]
+        self.full_heads = [h for h, w in enumerate(spec.kv_windows) if w is None]
+        windowed = dataclasses.replace(spec, window=tuple(spec.kv_windows[h] for h in self.window_heads),
+                                       kv_windows=None)
+        self.window_part = SlidingLayer(owner, layer_idx, windowed)
+        self.full_part = FullLayer(owner, layer_idx, LayerSpec(None))
+
+    @property
+    def parts(self) -> tuple["_SWALayer", "_SWALayer"]:
+        return self.window_part, self.full_part
+
+    def lazy_initialization(self, key_states, value_states):
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, kwargs: dict | None = None, **extra):
+        """key/value ``[B, Hkv, q, D]`` -> the windowed heads' keys and values (the full heads'
+        travel in the published :class:`~swa_patch.attention.SplitKeys`)."""
+        self.is_initialized = True
+        out = []
+        for part, heads in ((self.window_part, self.window_heads), (self.full_part, self.full_heads)):
+            published: dict = {}
+            k, v = part.update(_heads(key_states, heads), _heads(value_states, heads), kwargs=published)
+            out.append((k, v, published["swa_keys"]))
+        self.keys, self.values = self.full_part.keys, self.full_part.values
+        self.seen += key_states.shape[2]
+        self.owner.publish(self.layer_idx, SplitKeys(key_states.shape[1], self.window_heads, out[0],
+                                                     self.full_heads, out[1]), kwargs)
+        return out[0][0], out[0][1]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.full_part.get_mask_sizes(query_length)
+
+    def map_batch(self, fn) -> None:
+        for part in self.parts:
+            part.map_batch(fn)
+        self.keys, self.values = self.full_part.keys, self.full_part.values
+
+    def nbytes(self) -> int:
+        return sum(part.nbytes() for part in self.parts)
+
+    def reset(self) -> None:
+        for part in self.parts:
+            part.reset()
+        self.keys = self.values = None
+        self.is_initialized, self.seen = False, 0
+
+    def shift_frame(self, delta: int, rope: LayerRope) -> None:
+        for part in self.parts:
+            part.shift_frame(delta, rope)
+
+    def check_crop(self, new_len: int) -> None:
+        self.window_part.check_crop(new_len)
+
+    def crop_to(self, new_len: int) -> None:
+        for part in self.parts:
+            part.crop_to(new_len)
+        self.keys, self.values = self.full_part.keys, self.full_part.values
+        self.seen = new_len
+
+
+def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """``x[:, heads]``: a view when the heads are consecutive."""
+    if heads == list(range(heads[0], heads[0] + len(heads))):
+        return x[:, heads[0]:heads[0] + len(heads)]
+    return x[:, heads]
 
 
 def _rope_groups(ropes: list[LayerRope] | None) -> list[int] | None:

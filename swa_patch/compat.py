@@ -70,3 +70,8 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def kv_heads(config) -> int | None:
+    """The KV heads of a text config (GPT-2 and GPT-NeoX have as many as query heads)."""
+    return getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)

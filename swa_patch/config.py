@@ -44,6 +44,16 @@ def _check_head_dilations(layer: int, values, n_heads: int | None):
                          f"(num_attention_heads={n_heads})")
 
 
+def _check_kv_windows(layer: int, values, n_kv_heads: int | None):
+    """A per-KV-head window entry: ints >= 1 or None (full), one per KV head."""
+    for w in values:
+        _check_int(f"window[{layer}] entry", w, 1, allow_none=True)
+    if n_kv_heads is not None and len(values) != n_kv_heads:
+        raise ValueError(f"window[{layer}] has {len(values)} per-KV-head entries but the model has "
+                         f"{n_kv_heads} KV heads; give one window (or None for full attention) per KV head "
+                         f"(num_key_value_heads={n_kv_heads})")
+
+
 def _per_layer(name: str, value, n_layers: int | None) -> list | None:
     """A scalar stays a scalar (None); a list must have one entry per layer."""
     if not isinstance(value, (list, tuple)):
@@ -59,7 +69,9 @@ class SWAConfig:
     """How a model is patched.
 
     window: keys each query sees, itself included (``i - W < j <= i``); an int, or one
-        entry per layer (``None`` = full attention for that layer).
+        entry per layer (``None`` = full attention for that layer), and an entry may be a list
+        with one window per KV head (``None`` = that head attends fully and its cache grows;
+        the query heads of its GQA group follow it).
     sinks: the first ``sinks`` real tokens stay visible to every query (StreamingLLM).
     dilation: query ``i`` sees ``i - k*d`` for ``k < W``; an int or one entry per layer, and an
         entry may be a list with one dilation per query head (``num_attention_heads`` of them).
@@ -89,7 +101,8 @@ class SWAConfig:
     def __post_init__(self):
         self.validate()
 
-    def validate(self, n_layers: int | None = None, n_heads: int | None = None) -> "SWAConfig":
+    def validate(self, n_layers: int | None = None, n_heads: int | None = None,
+                 n_kv_heads: int | None = None) -> "SWAConfig":
         if self.schedule is not None:
             from .schedules import SCHEDULES, check_schedule_options  # expanded per model
             if self.schedule not in SCHEDULES:
@@ -98,8 +111,11 @@ class SWAConfig:
         if self.window is None and self.schedule is None:
             raise TypeError("window is required: an int >= 1 (keys each query sees, itself included)")
         windows = _per_layer("window", self.window, n_layers)
-        for w in windows if windows is not None else [self.window]:
-            _check_int("window", w, 1, allow_none=windows is not None or self.schedule is not None)
+        for layer, w in enumerate(windows if windows is not None else [self.window]):
+            if windows is not None and isinstance(w, (list, tuple)):
+                _check_kv_windows(layer, w, n_kv_heads)
+            else:
+                _check_int("window", w, 1, allow_none=windows is not None or self.schedule is not None)
         _check_int("sinks", self.sinks, 0)
         dilations = _per_layer("dilation", self.dilation, n_layers)
         for layer, d in enumerate(dilations if dilations is not None else [self.dilation]):
@@ -154,11 +170,11 @@ class SWAConfig:
         return self.positions or ("shift" if self.sinks > 0 and not self.decodes_full else "original")
 
     def layer_specs(self, n_layers: int, native_full: set[int] = frozenset(),
-                    n_heads: int | None = None) -> list[LayerSpec]:
+                    n_heads: int | None = None, n_kv_heads: int | None = None) -> list[LayerSpec]:
         """One :class:`LayerSpec` per layer.  Layers the model declares full stay full unless
         the user gave a per-layer window list (which then says everything).  ``n_heads``
-        (query heads) checks per-head dilations."""
-        self.validate(n_layers, n_heads)
+        (query heads) checks per-head dilations, ``n_kv_heads`` per-KV-head windows."""
+        self.validate(n_layers, n_heads, n_kv_heads)
         if self.schedule is not None:
             from .schedules import expand_schedule
             windows, dilations = expand_schedule(self, n_layers)
@@ -168,6 +184,10 @@ class SWAConfig:
         if n_heads is None and any(isinstance(d, (list, tuple)) for d in dilations):
             raise ValueError("dilation has per-head lists, which need the model's num_attention_heads "
                              "(pass n_heads, or the model or its config)")
+        if n_kv_heads is None and any(isinstance(w, (list, tuple)) for w in windows):
+            raise ValueError("window has per-KV-head lists, which need the model's num_key_value_heads "
+                             "(pass n_kv_heads, or the model or its config)")
+        windows = [None if isinstance(w, (list, tuple)) and all(x is None for x in w) else w for w in windows]
         full = set(self.full_layers or ())
         if not isinstance(self.window, (list, tuple)):
             full |= set(native_full)

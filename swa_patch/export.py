@@ -113,6 +113,10 @@ def serving_fields(model, engine: str, approximate=False) -> dict:
     rule = rule_for(engine, config.model_type)
     drop = _dropped(approximate)
     lost = []
+    per_kv = [i for i, s in enumerate(specs) if s.kv_windows is not None]
+    if per_kv:
+        lost.append(f"a window per KV head in layers {per_kv} ({engine} applies one window to every head of "
+                    "a layer; no approximation: export a plan of whole layers)")
     if settings.sinks and "sinks" not in drop:
         lost.append(f"{settings.sinks} attention sinks (StreamingLLM sink tokens)")
     if any(s.window is not None and s.dilation > 1 for s in specs) and "dilation" not in drop:

@@ -2,7 +2,8 @@
 
 Window convention (transformers' ``sliding_window=W``): query ``i`` sees key ``j`` iff
 ``i - W < j <= i``.  With dilation ``d`` it sees ``j = i - k*d`` for ``k = 0 .. W-1``
-(a span of ``(W-1)*d + 1`` positions); a layer may give each query head its own ``d``.
+(a span of ``(W-1)*d + 1`` positions); a layer may give each query head its own ``d``, and each
+KV head its own ``W`` (``None``: that head attends fully; its GQA query heads follow it).
 Sinks: keys ``j`` among the first ``S`` real tokens of the stream are visible to every
 later query, undilated.  A ``decode_full`` layer windows only the prompt: each row has a
 boundary ``full_from`` (``P - 1`` for a prompt of ``P`` tokens, the query whose output is
@@ -28,6 +29,11 @@ class LayerSpec:
     ``cache_slots`` cover every head; kernels run one uniform spec per group of heads
     (:meth:`head_groups`), never the per-head spec itself.
 
+    ``window`` may also be given as one entry per KV head (``None`` = full attention for that
+    head).  Entries that differ are kept in ``kv_windows`` and ``window`` becomes the widest
+    int, so ``span`` covers every windowed head; query head ``h`` follows KV head
+    ``h // (H / Hkv)``.
+
     ``decode_full``: queries from each row's prompt boundary on (``full_from``) see every
     earlier key (``patch_model(..., decode="full")``); the window applies before it.
     """
@@ -37,8 +43,17 @@ class LayerSpec:
     sinks: int = 0
     head_dilations: tuple[int, ...] | None = None
     decode_full: bool = False
+    kv_windows: tuple[int | None, ...] | None = None
 
     def __post_init__(self):
+        per_kv = self.kv_windows
+        if isinstance(self.window, (list, tuple)):
+            per_kv = self.window
+        if per_kv is not None:
+            per_kv = tuple(per_kv)
+            widths = [w for w in per_kv if w is not None]
+            object.__setattr__(self, "window", max(widths) if widths else None)
+            object.__setattr__(self, "kv_windows", per_kv if len(set(per_kv)) > 1 else None)
         per_head = self.head_dilations
         if isinstance(self.dilation, (list, tuple)):
             per_head = self.dilation
@@ -47,22 +62,41 @@ class LayerSpec:
             object.__setattr__(self, "dilation", max(per_head))
             object.__setattr__(self, "head_dilations", per_head if len(set(per_head)) > 1 else None)
 
+    @property
+    def per_head(self) -> bool:
+        """Heads differ (dilation or window): kernels run :meth:`head_groups`, never this spec."""
+        return self.head_dilations is not None or self.kv_windows is not None
+
+    @property
+    def has_full_heads(self) -> bool:
+        """Some KV head attends fully (its cache grows; the others roll)."""
+        return self.kv_windows is not None and None in self.kv_windows
+
     @functools.cache     # called per layer per call (decode steps too); specs are few and frozen
-    def head_groups(self, n_heads: int) -> list[tuple["LayerSpec", list[int]]]:
-        """``(uniform spec, query heads)`` for each distinct dilation, heads in order."""
-        if self.head_dilations is None:
+    def head_groups(self, n_heads: int, n_kv_heads: int | None = None) -> list[tuple["LayerSpec", list[int]]]:
+        """``(uniform spec, query heads)`` for each distinct (window, dilation), heads in order;
+        full heads (a ``None`` KV window) last, as ``LayerSpec(None)``."""
+        if not self.per_head:
             return [(self, list(range(n_heads)))]
-        if len(self.head_dilations) != n_heads:
+        if self.head_dilations is not None and len(self.head_dilations) != n_heads:
             raise ValueError(f"this layer has {len(self.head_dilations)} per-head dilations but the "
                              f"call has {n_heads} query heads")
-        groups: dict[int, list[int]] = {}
-        for head, d in enumerate(self.head_dilations):
-            groups.setdefault(d, []).append(head)
-        return [(self.with_dilation(d), heads) for d, heads in sorted(groups.items())]
+        windows = self.kv_windows or (self.window,)
+        if self.kv_windows is not None and ((n_kv_heads not in (None, len(windows))) or n_heads % len(windows)):
+            raise ValueError(f"this layer has {len(windows)} per-KV-head windows but the call has "
+                             f"{n_kv_heads} KV heads and {n_heads} query heads")
+        groups: dict[tuple, list[int]] = {}
+        for head in range(n_heads):
+            w = windows[head * len(windows) // n_heads]
+            d = self.dilation if self.head_dilations is None else self.head_dilations[head]
+            groups.setdefault((w is None, w or 0, d if w is not None else 1), []).append(head)
+        return [(self.uniform(w or None, d), heads) for (_, w, d), heads in sorted(groups.items())]
 
-    def with_dilation(self, d: int) -> "LayerSpec":
-        """This spec with one dilation ``d`` for every head."""
-        return dataclasses.replace(self, dilation=d, head_dilations=None)
+    def uniform(self, window: int | None, dilation: int) -> "LayerSpec":
+        """This spec with one window and dilation for every head (``None``: full attention)."""
+        if window is None:
+            return LayerSpec(None)
+        return dataclasses.replace(self, window=window, dilation=dilation, head_dilations=None, kv_windows=None)
 
     def windowed(self) -> "LayerSpec":
         """The window that applies before the prompt boundary (this spec without decode_full)."""
@@ -81,8 +115,8 @@ class LayerSpec:
 
 def band(i: torch.Tensor, j: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     """True where key ``j`` is in query ``i``'s (dilated) window; broadcasts."""
-    if spec.head_dilations is not None:
-        raise ValueError("a per-head dilation has one band per head: use spec.head_groups()")
+    if spec.per_head:
+        raise ValueError("a per-head dilation or window has one band per head: use spec.head_groups()")
     diff = i - j
     inside = diff >= 0
     if spec.window is not None:
@@ -94,9 +128,10 @@ def band(i: torch.Tensor, j: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
 
 def reference_mask(spec: LayerSpec, n: int, attention_mask: torch.Tensor | None = None,
                    device=None, full_from: torch.Tensor | None = None,
-                   documents: torch.Tensor | None = None) -> torch.Tensor:
+                   documents: torch.Tensor | None = None, heads: int | None = None) -> torch.Tensor:
     """Dense boolean mask ``[B, n, n]`` over stream indices for a whole sequence
-    (``[B, H, n, n]`` for a per-head dilation: one mask per query head).
+    (``[B, H, n, n]`` for a per-head dilation or window: one mask per query head; ``heads``:
+    the number of query heads, default one per per-head entry).
 
     ``attention_mask`` is the usual 2-D ``[B, n]`` padding mask (1 = real token).  A pad
     query sees itself only, so no row is empty.  ``full_from`` ``[B]`` (decode_full specs):
@@ -106,10 +141,8 @@ def reference_mask(spec: LayerSpec, n: int, attention_mask: torch.Tensor | None 
     sees keys of its own document only, and the sinks are the first S real tokens of each
     document.  This is the reference every backend and cache is tested against.
     """
-    if spec.head_dilations is not None:
-        per_dilation = {d: reference_mask(spec.with_dilation(d), n, attention_mask, device, full_from, documents)
-                        for d in set(spec.head_dilations)}
-        return torch.stack([per_dilation[d] for d in spec.head_dilations], dim=1)
+    if spec.per_head:
+        return _per_head_reference(spec, n, attention_mask, device, full_from, documents, heads)
     real = (torch.ones(1, n, dtype=torch.bool, device=device) if attention_mask is None
             else attention_mask.bool())
     idx = torch.arange(n, device=real.device)
@@ -126,6 +159,25 @@ def reference_mask(spec: LayerSpec, n: int, attention_mask: torch.Tensor | None 
         full_query = i[None] >= full_from.to(real.device).view(-1, 1, 1)
         visible = torch.where(full_query, (j <= i)[None], visible)
     return (visible & same & real[:, None, :]) | (i == j)[None]
+
+
+def _per_head_reference(spec: LayerSpec, n, attention_mask, device, full_from, documents, heads):
+    """One mask per query head ``h``: the window of its KV head ``h // (heads / Hkv)`` and its own
+    dilation, worked out here head by head (not through :meth:`LayerSpec.head_groups`)."""
+    kv = spec.kv_windows or (spec.window,)
+    heads = heads or (len(spec.head_dilations) if spec.head_dilations is not None else len(kv))
+    if heads % len(kv):
+        raise ValueError(f"{heads} query heads cannot share {len(kv)} KV heads evenly")
+    by_spec, per_head = {}, []
+    for head in range(heads):
+        window = kv[head // (heads // len(kv))]
+        d = spec.head_dilations[head] if spec.head_dilations is not None else spec.dilation
+        one = (LayerSpec(None) if window is None else
+               dataclasses.replace(spec, window=window, dilation=d, head_dilations=None, kv_windows=None))
+        if one not in by_spec:
+            by_spec[one] = reference_mask(one, n, attention_mask, device, full_from, documents)
+        per_head.append(by_spec[one])
+    return torch.stack(per_head, dim=1)
 
 
 def first_real_index(real: torch.Tensor) -> torch.Tensor:

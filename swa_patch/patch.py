@@ -40,7 +40,8 @@ def patch_model(model, window=None, sinks: int = 0, **options):
     text_config = _check_model(model)
     family = family_of(text_config)
     n_layers = text_config.num_hidden_layers
-    specs = settings.layer_specs(n_layers, native_full_layers(text_config), text_config.num_attention_heads)
+    specs = settings.layer_specs(n_layers, native_full_layers(text_config), text_config.num_attention_heads,
+                                 compat.kv_heads(text_config))
     _warn_past_trained_windows(text_config, specs)
     if settings.positions is None and family.rope == "absolute":
         settings = dataclasses.replace(settings, positions="original")   # nothing to shift
@@ -83,7 +84,7 @@ def _warn_past_trained_windows(text_config, specs) -> None:
     if not isinstance(trained, int):
         return
     wider = [i for i, (kind, spec) in enumerate(zip(types, specs)) if kind == "sliding_attention"
-             and (spec.window is None or spec.span > trained or spec.decode_full)]
+             and (spec.window is None or spec.span > trained or spec.decode_full or spec.has_full_heads)]
     if wider:
         logger.warning("swa_patch: layers %s of this %s were trained with a %d-token window and now attend further "
                        "(a wider window, full attention or decode='full'); such a model can degrade badly (Gemma-3-270M: "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import compat
 from .config import max_dilation
 from .masks import LayerSpec
 
@@ -54,9 +55,10 @@ def _shift_or(bits: int, spec: LayerSpec, right: bool) -> int:
     ``bits`` shifted by each of them (towards lower bits when ``right``), by doubling.  With
     per-head dilations the layer reads the union of its heads' distances, and the sum
     distributes over that union."""
-    if spec.head_dilations is not None:
+    if spec.per_head:
+        heads = len(spec.head_dilations) if spec.head_dilations is not None else len(spec.kv_windows)
         out = 0
-        for head_spec in {LayerSpec(spec.window, d) for d in spec.head_dilations}:
+        for head_spec in {LayerSpec(g.window, g.dilation) for g, _ in spec.head_groups(heads)}:
             out |= _shift_or(bits, head_spec, right)
         return out
 
@@ -92,7 +94,8 @@ def specs_for(model_or_config, **patch_options) -> list[LayerSpec]:
                         f"{type(model_or_config).__name__}")
     options = dict(patch_options)
     settings = SWAConfig.from_kwargs(options.pop("window", None), options.pop("sinks", 0), options)
-    return settings.layer_specs(n_layers, native_full_layers(config), getattr(config, "num_attention_heads", None))
+    return settings.layer_specs(n_layers, native_full_layers(config), getattr(config, "num_attention_heads", None),
+                                compat.kv_heads(config))
 
 
 def layer_reach(model_or_config, seq_len: int | None = None, **patch_options) -> list[LayerReach]:
@@ -102,9 +105,9 @@ def layer_reach(model_or_config, seq_len: int | None = None, **patch_options) ->
 
 def reach_of_specs(specs: list[LayerSpec], seq_len: int | None = None) -> list[LayerReach]:
     if seq_len is None:
-        full = [i for i, s in enumerate(specs) if s.window is None]
+        full = [i for i, s in enumerate(specs) if s.window is None or s.has_full_heads]
         if full:
-            raise ValueError(f"layers {full} use full attention: the stack's receptive field is the "
+            raise ValueError(f"layers {full} use full attention (in some head): the stack's receptive field is the "
                              f"whole sequence; pass seq_len=<tokens> for an exact figure")
         bits, rows = 1, []                     # bit t: input at distance t from the query
         for idx, spec in enumerate(specs):
@@ -130,8 +133,8 @@ def reach_of_specs(specs: list[LayerSpec], seq_len: int | None = None) -> list[L
 def _layer_inputs(bits: int, spec: LayerSpec) -> int:
     """Positions read by the positions in ``bits`` through one layer (unpadded stream)."""
     highest = bits.bit_length() - 1
-    if spec.window is None:
-        return (1 << (highest + 1)) - 1        # full causal: every position up to the highest
+    if spec.window is None or spec.has_full_heads:
+        return (1 << (highest + 1)) - 1        # full causal (in some head): every position up to the highest
     out = _shift_or(bits, spec, right=True)
     if spec.sinks:
         out |= (1 << min(spec.sinks, highest + 1)) - 1   # sink j is read by any query i >= j

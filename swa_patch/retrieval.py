@@ -252,7 +252,7 @@ def theoretical_reach(model) -> int | None:
     from .receptive import receptive_field
     from .state import patch_state
     state = patch_state(model)
-    if state is None or state["settings"].decodes_full or any(s.window is None for s in state["specs"]):
+    if state is None or state["settings"].decodes_full or any(s.window is None or s.has_full_heads for s in state["specs"]):
         return None
     return receptive_field(model)
 

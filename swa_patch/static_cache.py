@@ -37,6 +37,10 @@ class StaticSWACache(SWACache):
         if decode_full:
             raise ValueError(f"static=True: layers {decode_full} decode fully (decode='full') and keep every key; "
                              "use the default (dynamic) cache")
+        per_kv = [i for i, s in enumerate(specs) if s.kv_windows is not None]
+        if per_kv:
+            raise ValueError(f"static=True: layers {per_kv} have a window per KV head, which the fixed-size "
+                             "buffers do not keep apart; use the default (dynamic) cache")
         full = [i for i, s in enumerate(specs) if s.window is None]
         if full and positions == "shift":
             raise ValueError(f"static=True with positions='shift': layers {full} use full attention, which would "

@@ -69,10 +69,11 @@ def reference_attention(model, specs, n: int, attention_mask=None, full_from=Non
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     dtype = next(model.parameters()).dtype
+    heads = model.config.get_text_config(decoder=True).num_attention_heads
     hooks = []
     for module in attention_layers(model):
         mask = per_head(reference_mask(specs[module.layer_idx], n, attention_mask, full_from=full_from,
-                                       documents=documents))
+                                       documents=documents, heads=heads))
         additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
         hooks.append(module.register_forward_pre_hook(
             lambda mod, args, kwargs, m=additive: (args, {**kwargs, "attention_mask": m}), with_kwargs=True))
@@ -98,7 +99,24 @@ def wrong_specs(specs) -> dict:
                                for s in specs]
     if any(s.window is not None and s.dilation > 1 and s.head_dilations is None for s in specs):
         variants["dilation+1"] = edit(dilation=lambda s: s.dilation + 1 if s.head_dilations is None else s.dilation)
+    if any(s.kv_windows is not None for s in specs):       # per-KV-head windows: one head off
+        for name, change in (("head W-1", lambda kv, h: kv[h] - 1), ("head W+1", lambda kv, h: kv[h] + 1),
+                             ("head full", lambda kv, h: None)):
+            variants[name] = [_edit_first_windowed_head(s, change) for s in specs]
+        variants["heads rolled"] = [s if s.kv_windows is None else dataclasses.replace(
+            s, window=s.kv_windows[1:] + s.kv_windows[:1], kv_windows=None) for s in specs]
     return variants
+
+
+def _edit_first_windowed_head(spec, change):
+    """``spec`` with its first windowed KV head's window changed (per-KV-head specs only)."""
+    if spec.kv_windows is None:
+        return spec
+    kv = list(spec.kv_windows)
+    head = next(h for h, w in enumerate(kv) if w is not None)
+    kv[head] = change(kv, head)
+    kv[head] = None if kv[head] is None else max(1, kv[head])
+    return dataclasses.replace(spec, window=tuple(kv), kv_windows=None)
 
 
 def reference_logits(model, specs, ids, attention_mask=None, full_from=None) -> torch.Tensor:
@@ -116,7 +134,8 @@ def assert_matches_reference_only(model, out, specs, ids, attention_mask=None, f
     real = torch.ones(ids.shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     ref = reference_logits(model, specs, ids, attention_mask, full_from)[real].to(out.dtype)
     torch.testing.assert_close(out[real], ref, atol=atol, rtol=rtol)
-    masks = lambda ss: [reference_mask(s, n, attention_mask, full_from=full_from) for s in ss]
+    heads = model.config.get_text_config(decoder=True).num_attention_heads
+    masks = lambda ss: [reference_mask(s, n, attention_mask, full_from=full_from, heads=heads) for s in ss]
     for name, wrong in wrong_specs(specs).items():
         if all(torch.equal(a, b) for a, b in zip(masks(wrong), masks(specs))):
             continue                                    # the same mask on this input: not a wrong answer
