@@ -29,6 +29,7 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
     "prefill": (["benchmarks/prefill_scaling.py"], 44),
     "decode": (["benchmarks/cache_decode.py"], 3),
     "decode_step": (["benchmarks/decode_step.py"], 3),
+    "kv_head_decode": (["benchmarks/kv_head_decode.py"], 3),
     "packed_documents": (["benchmarks/packed_documents.py"], 3),
     "decode_after_long_prefill": (["benchmarks/decode_after_long_prefill.py"], 4),
     "dilation": (["benchmarks/dilation.py", "--repeats", "9"], 1),
