@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "swa_patch.retrieval",
     "swa_patch.export",
     "swa_patch.commands",
+    "swa_patch.calibration",
 ]
 
 

@@ -1,0 +1,218 @@
+"""Which KV heads keep full attention: a plan chosen from retrieval scores on copies of the
+user's own text (RazorAttention / retrieval-head style), for ``patch_model(model, **plan.patch_options())``.
+
+A *retrieval score* of a query head is the attention weight that queries of a repeated segment put
+on the token that followed them in the first copy (the token a copy must produce next), averaged
+over queries and trials; the segment is ``window + span`` tokens long, so every such source lies
+past the window.  The model runs dense (unpatched), so the score says which heads reach far when
+they may.  A KV head scores the maximum of its query heads (it must stay full if any of them
+retrieves).  The plan keeps the ``budget`` highest-scoring KV heads full and windows every other.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PROBE_NAME = "swa_patch_probe"
+_RECORDER: contextvars.ContextVar = contextvars.ContextVar("swa_patch_probe", default=None)
+
+
+@dataclass
+class Plan:
+    """Which KV heads keep full attention.  ``full_heads``: ``(layer, kv_head)`` pairs; ``scores``:
+    per layer, per KV head, the retrieval score the choice was made from."""
+    window: int
+    sinks: int
+    full_heads: list[tuple[int, int]]
+    scores: list[list[float]]
+    budget: float | int
+    method: str = "retrieval"
+    calibration: dict = field(default_factory=dict)    # where the calibration tokens came from
+
+    def windows(self) -> list[list[int | None]]:
+        """``window=`` for :func:`swa_patch.patch_model`: one entry per KV head of each layer."""
+        full = set(map(tuple, self.full_heads))
+        return [[None if (layer, head) in full else self.window for head in range(len(row))]
+                for layer, row in enumerate(self.scores)]
+
+    def patch_options(self) -> dict:
+        return {"window": self.windows(), "sinks": self.sinks}
+
+    @property
+    def full_share(self) -> float:
+        """Full KV heads / all KV heads."""
+        return len(self.full_heads) / sum(len(row) for row in self.scores)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        data = json.loads(Path(path).read_text())
+        data["full_heads"] = [tuple(pair) for pair in data["full_heads"]]
+        return cls(**data)
+
+    def __str__(self) -> str:
+        layers = sorted({layer for layer, _ in self.full_heads})
+        return (f"{len(self.full_heads)} of {sum(map(len, self.scores))} KV heads full "
+                f"({100 * self.full_share:.1f} %), window {self.window} + {self.sinks} sinks elsewhere; "
+                f"layers with a full head: {layers}")
+
+
+class _Recorder:
+    """Per layer, the summed retrieval weight of each query head and the number of trials."""
+
+    def __init__(self, segment: int):
+        self.segment, self.sums, self.counts = segment, {}, {}
+
+    def observe(self, layer: int, query, key, scaling) -> None:
+        m = self.segment
+        q = query[0, :, m:2 * m - 1].float()                       # [H, m-1] the second copy's queries
+        k = key[0].float().repeat_interleave(query.shape[1] // key.shape[1], dim=0)   # [H, 2m, D]
+        logits = q @ k.transpose(-1, -2) * scaling                 # [H, m-1, 2m]
+        t = torch.arange(m - 1, device=q.device)
+        causal = torch.arange(k.shape[1], device=q.device)[None, :] <= (m + t)[:, None]
+        weights = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+        source = weights.gather(-1, (t + 1).view(1, -1, 1).expand(q.shape[0], -1, 1))[..., 0]   # [H, m-1]
+        self.sums[layer] = self.sums.get(layer, 0) + source.mean(-1).cpu()
+        self.counts[layer] = self.counts.get(layer, 0) + 1
+
+
+def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' SDPA attention, after recording the retrieval weights of this layer."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    recorder = _RECORDER.get()
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if recorder is not None:
+        recorder.observe(module.layer_idx, query, key, scaling)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, **kwargs)
+
+
+def _register_probe() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(PROBE_NAME, _probe_attention)
+    AttentionMaskInterface.register(PROBE_NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def _probing(model):
+    previous = model.config._attn_implementation
+    _register_probe()
+    model.set_attn_implementation(PROBE_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def retrieval_scores(model, ids: torch.Tensor, window: int, span: int = 64, trials: int = 4,
+                     seed: int = 0) -> torch.Tensor:
+    """``[layers, query heads]`` retrieval scores of an unpatched ``model`` (see the module
+    docstring) from ``trials`` segments of ``window + span`` tokens drawn from ``ids``."""
+    from .state import patch_state
+    if patch_state(model) is not None:
+        raise ValueError("calibrate scores the model's own (dense) heads: pass the model before "
+                         "patch_model, or unpatch_model it first")
+    ids = _check_ids(ids, window, span)
+    segment = window + span
+    generator = torch.Generator().manual_seed(seed)
+    recorder = _Recorder(segment)
+    token = _RECORDER.set(recorder)
+    device, training = next(model.parameters()).device, model.training
+    model.eval()                      # no dropout in the scores
+    try:
+        with _probing(model), torch.no_grad():
+            for _ in range(trials):
+                start = int(torch.randint(0, ids.numel() - segment + 1, (1,), generator=generator))
+                piece = ids[start:start + segment]
+                model(torch.cat([piece, piece])[None].to(device), use_cache=False)
+    finally:
+        _RECORDER.reset(token)
+        model.train(training)
+    return torch.stack([recorder.sums[layer] / recorder.counts[layer] for layer in sorted(recorder.sums)])
+
+
+def calibrate(model, ids: torch.Tensor, window: int, sinks: int = 4, budget: float | int = 0.1,
+              span: int = 64, trials: int = 4, seed: int = 0, source: str | None = None) -> Plan:
+    """Choose which KV heads keep full attention under ``window`` + ``sinks``: the ``budget``
+    highest retrieval scores (a share of all KV heads in (0, 1], or a count).  ``ids``: calibration
+    tokens (1-D, or ``[1, n]``) from the user's own text, never the evaluation's; ``source`` names
+    them in the plan.  The model must be unpatched; it is left as it was."""
+    from .config import _check_int
+    _check_int("window", window, 1)
+    _check_int("sinks", sinks, 0)
+    _check_int("span", span, 1)
+    _check_int("trials", trials, 1)
+    config = model.config.get_text_config(decoder=True)
+    from .compat import kv_heads
+    n_heads, n_kv = config.num_attention_heads, kv_heads(config)
+    total = config.num_hidden_layers * n_kv
+    count = _budget_count(budget, total)
+    ids = _check_ids(ids, window, span)
+    scores = retrieval_scores(model, ids, window, span, trials, seed)           # [L, H]
+    per_kv = scores.view(scores.shape[0], n_kv, n_heads // n_kv).amax(-1)       # [L, Hkv]
+    order = torch.argsort(per_kv.flatten(), descending=True, stable=True)[:count]
+    full = sorted((int(i) // n_kv, int(i) % n_kv) for i in order)
+    return Plan(window, sinks, full, [[round(float(s), 6) for s in row] for row in per_kv], budget,
+                calibration={"source": source, "tokens": int(ids.numel()),
+                             "segment": window + span, "trials": trials, "seed": seed})
+
+
+def _budget_count(budget, total: int) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be a share of the KV heads in (0, 1] or a count of heads (an int in "
+                        f"1..{total}), got {budget!r}")
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget as a share must be in (0, 1], got {budget}")
+        return max(1, round(budget * total))
+    if not 1 <= budget <= total:
+        raise ValueError(f"budget as a count must be in 1..{total} (the model's KV heads), got {budget}")
+    return budget
+
+
+def _check_ids(ids, window: int, span: int) -> torch.Tensor:
+    if not torch.is_tensor(ids) or ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise TypeError(f"ids must be a tensor of token ids, got {type(ids).__name__}")
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(f"ids must be 1-D or [1, n], got shape {tuple(ids.shape)}")
+    if ids.numel() < window + span:
+        raise ValueError(f"ids has {ids.numel()} tokens; calibration needs at least window + span = "
+                         f"{window + span} (one segment)")
+    return ids.long()
+
+
+def add_cli(subparsers) -> None:
+    c = subparsers.add_parser("calibrate", help="choose which KV heads keep full attention",
+                              description="Score every KV head's retrieval past the window on copies of "
+                              "your text and write a plan (JSON) of the budget's best heads.")
+    c.add_argument("--model", default="smollm2-135m", help="alias 'smollm2-135m', a Hub id or a local folder")
+    c.add_argument("--window", type=int, required=True)
+    c.add_argument("--sinks", type=int, default=4)
+    c.add_argument("--budget", type=float, default=0.1, help="share of KV heads kept full (0, 1]; >= 1: a count")
+    c.add_argument("--text", default=None, help="calibration text file (default: the embedded text)")
+    c.add_argument("--trials", type=int, default=4)
+    c.add_argument("--out", required=True, help="where to write the plan (JSON)")
+    c.set_defaults(func=_calibrate_cli)
+
+
+def _calibrate_cli(args) -> int:
+    from .models import load_model, load_text
+    model, tokenizer = load_model(args.model)
+    ids = tokenizer(load_text(args.text), return_tensors="pt").input_ids
+    budget = int(args.budget) if args.budget >= 1 else args.budget
+    plan = calibrate(model, ids, args.window, args.sinks, budget, trials=args.trials,
+                     source=args.text or "embedded text")
+    plan.save(args.out)
+    print(plan)
+    return 0
