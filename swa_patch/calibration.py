@@ -1,5 +1,7 @@
-"""Which KV heads keep full attention: a plan chosen from retrieval scores on copies of the
-user's own text (RazorAttention / retrieval-head style), for ``patch_model(model, **plan.patch_options())``.
+"""Which KV heads keep full attention: a plan chosen from scores on copies of the user's own
+text, for ``patch_model(model, **plan.patch_options())``: retrieval scores (RazorAttention /
+retrieval-head style, below) or the NLL a unit wins back (:func:`nll_scores`, NLL-guided selection
+of heads or whole layers).
 
 A *retrieval score* of a query head is the attention weight that queries of a repeated segment put
 on the token that followed them in the first copy (the token a copy must produce next), averaged
@@ -20,6 +22,8 @@ from pathlib import Path
 import torch
 
 PROBE_NAME = "swa_patch_probe"
+METHODS = ("retrieval", "nll")
+UNITS = ("head", "layer")
 _RECORDER: contextvars.ContextVar = contextvars.ContextVar("swa_patch_probe", default=None)
 
 
@@ -122,30 +126,97 @@ def retrieval_scores(model, ids: torch.Tensor, window: int, span: int = 64, tria
         raise ValueError("calibrate scores the model's own (dense) heads: pass the model before "
                          "patch_model, or unpatch_model it first")
     ids = _check_ids(ids, window, span)
-    segment = window + span
-    generator = torch.Generator().manual_seed(seed)
-    recorder = _Recorder(segment)
+    recorder = _Recorder(window + span)
     token = _RECORDER.set(recorder)
-    device, training = next(model.parameters()).device, model.training
+    training = model.training
     model.eval()                      # no dropout in the scores
     try:
         with _probing(model), torch.no_grad():
-            for _ in range(trials):
-                start = int(torch.randint(0, ids.numel() - segment + 1, (1,), generator=generator))
-                piece = ids[start:start + segment]
-                model(torch.cat([piece, piece])[None].to(device), use_cache=False)
+            for copies in copy_segments(ids, window + span, trials, seed):
+                model(copies[None].to(next(model.parameters()).device), use_cache=False)
     finally:
         _RECORDER.reset(token)
         model.train(training)
     return torch.stack([recorder.sums[layer] / recorder.counts[layer] for layer in sorted(recorder.sums)])
 
 
+def copy_segments(ids: torch.Tensor, segment: int, trials: int, seed: int) -> list[torch.Tensor]:
+    """``trials`` random segments of ``segment`` tokens of ``ids``, each repeated once (``[2 * segment]``)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(trials):
+        start = int(torch.randint(0, ids.numel() - segment + 1, (1,), generator=generator))
+        out.append(torch.cat([ids[start:start + segment]] * 2))
+    return out
+
+
+def nll_scores(model, ids: torch.Tensor, window: int, sinks: int, span: int = 64, trials: int = 4, seed: int = 0,
+               unit: str = "head") -> torch.Tensor:
+    """``[layers, KV heads]``: how much the copy's NLL (the second copy of each segment, every
+    target past the window) drops when one unit alone keeps full attention and every other head
+    is windowed (``window`` + ``sinks``); ``unit="layer"`` scores whole layers (each head of a layer
+    gets the layer's score).  One patched forward per unit and segment."""
+    from .compat import kv_heads
+    from .patch import patch_model, unpatch_model
+    from .state import patch_state
+    if patch_state(model) is not None:
+        raise ValueError("calibrate scores the model's own heads: pass the model before patch_model, "
+                         "or unpatch_model it first")
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    ids = _check_ids(ids, window, span)
+    config = model.config.get_text_config(decoder=True)
+    n_layers, n_kv = config.num_hidden_layers, kv_heads(config)
+    segments = copy_segments(ids, window + span, trials, seed)
+    units = ([(layer, head) for layer in range(n_layers) for head in range(n_kv)] if unit == "head"
+             else [(layer, None) for layer in range(n_layers)])
+
+    def copy_nll(full: tuple | None) -> float:
+        windows = [[window] * n_kv for _ in range(n_layers)]
+        if full is not None:
+            layer, head = full
+            windows[layer] = [None] * n_kv if head is None else [None if h == head else window for h in range(n_kv)]
+        patch_model(model, window=windows, sinks=sinks, positions="original")
+        try:
+            return sum(_second_copy_nll(model, copies) for copies in segments) / len(segments)
+        finally:
+            unpatch_model(model)
+
+    training = model.training
+    model.eval()
+    try:
+        base = copy_nll(None)
+        from tqdm.auto import tqdm
+        gains = {u: base - copy_nll(u) for u in tqdm(units, desc="nll per unit", leave=False)}
+    finally:
+        model.train(training)
+    return torch.tensor([[gains[(layer, head if unit == "head" else None)] for head in range(n_kv)]
+                         for layer in range(n_layers)])
+
+
+@torch.no_grad()
+def _second_copy_nll(model, copies: torch.Tensor) -> float:
+    half = copies.numel() // 2
+    device = next(model.parameters()).device
+    logits = model(copies[None].to(device), use_cache=False, logits_to_keep=half + 1).logits[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, copies[half:].to(device)).item()
+
+
 def calibrate(model, ids: torch.Tensor, window: int, sinks: int = 4, budget: float | int = 0.1,
-              span: int = 64, trials: int = 4, seed: int = 0, source: str | None = None) -> Plan:
+              method: str = "retrieval", unit: str = "head", span: int = 64, trials: int = 4, seed: int = 0,
+              source: str | None = None) -> Plan:
     """Choose which KV heads keep full attention under ``window`` + ``sinks``: the ``budget``
-    highest retrieval scores (a share of all KV heads in (0, 1], or a count).  ``ids``: calibration
-    tokens (1-D, or ``[1, n]``) from the user's own text, never the evaluation's; ``source`` names
-    them in the plan.  The model must be unpatched; it is left as it was."""
+    (a share of all KV heads in (0, 1], or a count) with the highest scores.  ``method``:
+    ``"retrieval"`` (attention on the copy source, one dense forward per segment: seconds) or
+    ``"nll"`` (the drop of the copy's NLL when the unit alone is full: one patched forward per unit
+    and segment); ``unit="layer"`` (``nll`` only) keeps whole layers, ``budget // KV heads`` of them.
+    ``ids``: calibration tokens (1-D, or ``[1, n]``) from the user's own text, never the
+    evaluation's; ``source`` names them in the plan.  The model must be unpatched; it is left as
+    it was."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if unit not in UNITS or (unit == "layer" and method != "nll"):
+        raise ValueError(f"unit must be 'head', or 'layer' with method='nll'; got unit={unit!r}, method={method!r}")
     from .config import _check_int
     _check_int("window", window, 1)
     _check_int("sinks", sinks, 0)
@@ -157,11 +228,21 @@ def calibrate(model, ids: torch.Tensor, window: int, sinks: int = 4, budget: flo
     total = config.num_hidden_layers * n_kv
     count = _budget_count(budget, total)
     ids = _check_ids(ids, window, span)
-    scores = retrieval_scores(model, ids, window, span, trials, seed)           # [L, H]
-    per_kv = scores.view(scores.shape[0], n_kv, n_heads // n_kv).amax(-1)       # [L, Hkv]
-    order = torch.argsort(per_kv.flatten(), descending=True, stable=True)[:count]
-    full = sorted((int(i) // n_kv, int(i) % n_kv) for i in order)
+    if method == "retrieval":
+        scores = retrieval_scores(model, ids, window, span, trials, seed)       # [L, H]
+        per_kv = scores.view(scores.shape[0], n_kv, n_heads // n_kv).amax(-1)   # [L, Hkv]
+    else:
+        per_kv = nll_scores(model, ids, window, sinks, span, trials, seed, unit)
+    if unit == "layer":
+        if count < n_kv:
+            raise ValueError(f"budget keeps {count} KV heads full, less than one layer ({n_kv} KV heads)")
+        layers = torch.argsort(per_kv[:, 0], descending=True, stable=True)[:count // n_kv]
+        full = sorted((int(layer), head) for layer in layers for head in range(n_kv))
+    else:
+        order = torch.argsort(per_kv.flatten(), descending=True, stable=True)[:count]
+        full = sorted((int(i) // n_kv, int(i) % n_kv) for i in order)
     return Plan(window, sinks, full, [[round(float(s), 6) for s in row] for row in per_kv], budget,
+                method=method if unit == "head" else f"{method}/layer",
                 calibration={"source": source, "tokens": int(ids.numel()),
                              "segment": window + span, "trials": trials, "seed": seed})
 
@@ -201,6 +282,8 @@ def add_cli(subparsers) -> None:
     c.add_argument("--sinks", type=int, default=4)
     c.add_argument("--budget", type=float, default=0.1, help="share of KV heads kept full (0, 1]; >= 1: a count")
     c.add_argument("--text", default=None, help="calibration text file (default: the embedded text)")
+    c.add_argument("--method", choices=METHODS, default="retrieval")
+    c.add_argument("--unit", choices=UNITS, default="head", help="layer: whole layers (--method nll)")
     c.add_argument("--trials", type=int, default=4)
     c.add_argument("--out", required=True, help="where to write the plan (JSON)")
     c.set_defaults(func=_calibrate_cli)
@@ -211,8 +294,8 @@ def _calibrate_cli(args) -> int:
     model, tokenizer = load_model(args.model)
     ids = tokenizer(load_text(args.text), return_tensors="pt").input_ids
     budget = int(args.budget) if args.budget >= 1 else args.budget
-    plan = calibrate(model, ids, args.window, args.sinks, budget, trials=args.trials,
-                     source=args.text or "embedded text")
+    plan = calibrate(model, ids, args.window, args.sinks, budget, method=args.method, unit=args.unit,
+                     trials=args.trials, source=args.text or "embedded text")
     plan.save(args.out)
     print(plan)
     return 0

@@ -100,3 +100,47 @@ def test_cli_writes_a_plan(tmp_path, monkeypatch, capsys):
     plan = Plan.load(tmp_path / "p.json")
     assert len(plan.full_heads) == 1 and plan.calibration["source"] == "embedded text"
     assert "1 of 4 KV heads full" in capsys.readouterr().out
+
+
+def test_nll_scores_equal_the_reference_masks():
+    """Each unit's NLL gain, against the unpatched model run under explicit per-head reference masks."""
+    from swa_patch.calibration import copy_segments, nll_scores
+    from swa_patch.masks import LayerSpec
+    from tests.models import reference_logits
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 90, (200,), generator=torch.Generator().manual_seed(2))
+    window, sinks, span = 12, 1, 6
+    got = nll_scores(model, ids, window, sinks, span, trials=2, seed=3)
+    segments = copy_segments(ids, window + span, 2, 3)
+
+    def nll(specs):
+        total = 0.0
+        for copies in segments:
+            logits = reference_logits(model, specs, copies[None])[0, window + span - 1:-1]
+            total += torch.nn.functional.cross_entropy(logits, copies[window + span:]).item()
+        return total / len(segments)
+    base = nll([LayerSpec(window, 1, sinks)] * 2)
+    for layer in range(2):
+        for head in range(2):
+            specs = [LayerSpec(window, 1, sinks)] * 2
+            specs[layer] = LayerSpec(tuple(None if h == head else window for h in range(2)), 1, sinks)
+            assert got[layer, head].item() == pytest.approx(base - nll(specs), abs=1e-4)
+    assert got.abs().max() > 1e-3                       # the units differ: a check that can fail
+    layers = nll_scores(model, ids, window, sinks, span, trials=2, seed=3, unit="layer")
+    whole = base - nll([LayerSpec(None), LayerSpec(window, 1, sinks)])
+    assert layers[0].tolist() == pytest.approx([whole] * 2, abs=1e-4)
+
+
+def test_layer_unit_keeps_whole_layers(monkeypatch):
+    model = tiny_model("llama", num_hidden_layers=3)
+    fixed = torch.tensor([[0.1, 0.1], [0.5, 0.5], [0.3, 0.3]])
+    monkeypatch.setattr(calibration, "nll_scores", lambda *a, **k: fixed)
+    plan = calibrate(model, torch.arange(100), window=8, budget=4, method="nll", unit="layer")
+    assert plan.windows() == [[8, 8], [None, None], [None, None]] and plan.method == "nll/layer"
+    with pytest.raises(ValueError, match="less than one layer"):
+        calibrate(model, torch.arange(100), window=8, budget=1, method="nll", unit="layer")
+    with pytest.raises(ValueError, match="unit must be 'head', or 'layer' with method='nll'"):
+        calibrate(model, torch.arange(100), window=8, unit="layer")
+    with pytest.raises(ValueError, match="method must be one of"):
+        calibrate(model, torch.arange(100), window=8, method="gates")
