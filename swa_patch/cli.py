@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "swa_patch.export",
     "swa_patch.commands",
     "swa_patch.calibration",
+    "swa_patch.ruler",
 ]
 
 
