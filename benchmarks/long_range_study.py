@@ -49,7 +49,15 @@ unpatched model, the ``dense`` row, already windows 15 of its 18 layers at 512.
    * passkey accuracy per haystack length over ``--depths`` (10 by default, ``--passkey-tries``
      each), bootstrap 95 % intervals; decode="full" rows twice: the boundary at the question,
      and at the prompt end (``passkey_N_prompt_end``);
-   * windowed held-out perplexity.
+   * windowed held-out perplexity;
+   * with ``--ruler-lengths``, lm-eval's RULER tasks (``--ruler-tasks``, ``--ruler-limit`` samples per
+     length) through the row's own ``generate()`` (``swa_patch.ruler``), Wilson 95 % intervals.
+
+   Rows may keep calibrated KV heads full: ``heads:SHARE`` (retrieval scores), ``heads-nll:SHARE`` (the
+   copy NLL each head wins back) and ``layers-nll:SHARE`` (whole layers by NLL), e.g. ``heads:0.1+sinks``;
+   each is calibrated once per run with ``swa_patch.calibrate`` on the *training* split (the probes read
+   the held-out split; RULER generates its own data), its plan saved in ``--work``, and its minutes
+   written in ``calibrate_minutes``.
 
 Writes ``benchmarks/results/long_range_study.csv`` (Gemma: ``long_range_study_gemma3.csv``; one
 row per configuration, with the command, commit, machine, versions and settings),
@@ -124,6 +132,12 @@ def parse_args(argv=None):
     p.add_argument("--depths", default=DEPTHS, help="needle depths per passkey length")
     p.add_argument("--passkey-tries", type=int, default=1, help="tries per (length, depth), each a new key")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap redraws per interval")
+    p.add_argument("--ruler-lengths", default="", help="RULER (lm-eval) prompt lengths per row, e.g. 1024,2048,4096 "
+                   "('' = no RULER)")
+    p.add_argument("--ruler-tasks", default="niah_single_1", help="offline RULER tasks (swa_patch.ruler.OFFLINE_TASKS)")
+    p.add_argument("--ruler-limit", type=int, default=30, help="RULER samples per task and length")
+    p.add_argument("--calibrate-trials", type=int, default=8,
+                   help="segments per calibration (rows heads:SHARE, heads-nll:SHARE, layers-nll:SHARE)")
     p.add_argument("--prefill-tokens", type=int, default=16384)
     p.add_argument("--prefill-rounds", type=int, default=5, help="timed prefills per configuration, after one warm-up")
     p.add_argument("--ppl-blocks", type=int, default=8, help="held-out blocks of --seq-len for perplexity")
@@ -166,12 +180,48 @@ def parse_args(argv=None):
     return args
 
 
+CALIBRATED = {"heads": ("retrieval", "head"), "heads-nll": ("nll", "head"), "layers-nll": ("nll", "layer")}
+
+
 def options_of(args, config: str) -> dict | None:
-    """``patch_model`` options of a configuration name on ``--model`` (see ``config_options``)."""
+    """``patch_model`` options of a configuration name on ``--model`` (see ``config_options``); a
+    part ``heads:SHARE`` (``heads-nll:SHARE``, ``layers-nll:SHARE``) stands for the plan
+    :func:`calibrate_plans` chose for that share of KV heads (``plan:PATH``)."""
     from swa_patch.retrieval import config_options
 
     spec = MODELS[args.model]
-    return config_options(config, args.window, args.sinks, spec["layers"], spec["global_layers"])
+    parts = [f"plan:{plan_path(args, p)}" if p.split(":")[0] in CALIBRATED else p for p in config.split("+")]
+    return config_options("+".join(parts), args.window, args.sinks, spec["layers"], spec["global_layers"])
+
+
+def plan_path(args, part: str) -> str:
+    kind, _, share = part.partition(":")
+    return os.path.join(args.work, f"plan_{kind}_{share}_w{args.window}_s{args.sinks}.json")
+
+
+def calibrate_plans(args, parsed) -> dict[str, float]:
+    """Calibrate every ``heads:SHARE``-style part of the rows on the *training* split (the probes
+    read the held-out split; RULER makes its own data): one plan file per part, minutes per part."""
+    from swa_patch import calibrate
+    from swa_patch.models import load_model
+
+    parts = sorted({p for _, config, _ in parsed for p in config.split("+") if p.split(":")[0] in CALIBRATED})
+    if not parts:
+        return {}
+    train, _ = split_text(args.work, args.heldout_fraction)
+    model, tokenizer = load_model(args.model)
+    ids = tokenizer(open(train).read(), return_tensors="pt").input_ids[0]
+    minutes = {}
+    for part in parts:
+        kind, _, share = part.partition(":")
+        method, unit = CALIBRATED[kind]
+        start = time.perf_counter()
+        plan = calibrate(model, ids, args.window, args.sinks, float(share), method=method, unit=unit,
+                         trials=args.calibrate_trials, source=f"{train} (the study's training split)")
+        plan.save(plan_path(args, part))
+        minutes[part] = (time.perf_counter() - start) / 60
+        print(f"calibrated {part} in {minutes[part]:.1f} min: {plan}", flush=True)
+    return minutes
 
 
 def expand_rows(args) -> list[tuple[str, str, str]]:
@@ -356,7 +406,7 @@ def write_rows(path: str, summary: list[dict], args) -> None:
     meta["settings"] = json.dumps({k: getattr(args, k) for k in (
         "model", "part", "window", "sinks", "trials", "distances", "depths", "passkey_tries", "span", "lead", "resamples",
         "prefill_tokens", "prefill_rounds", "sink_sweep", "steps", "seq_len", "lr", "distill_alpha", "temperature",
-        "train_config", "ppl_blocks", "quick")})
+        "train_config", "ppl_blocks", "quick", "ruler_lengths", "ruler_tasks", "ruler_limit", "calibrate_trials")})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*summary[0], *meta])
@@ -404,7 +454,7 @@ def probes_part(args, parsed, distances: list[int], lengths: list[int], depths: 
     for kind in sorted({a for _, _, a in parsed if a}):
         adapters[kind], minutes[kind] = train_adapter(args, kind, train, held)
 
-    copies, keys, results = [], [], []
+    copies, keys, results, rulers = [], [], [], []
     for adapter in dict.fromkeys(a for _, _, a in parsed):
         model, tokenizer = load_variant(args.model, adapters.get(adapter))
         check_layers(args, model)
@@ -425,6 +475,10 @@ def probes_part(args, parsed, distances: list[int], lengths: list[int], depths: 
                     if options and options.get("decode", "window") != "window":    # only the answer attends fully
                         keys += passkey(model, tokenizer, ids, lengths, depths, args.passkey_tries,
                                         config=label + PROMPT_END, boundary="prompt-end")
+                if args.ruler_lengths:
+                    from swa_patch.ruler import ruler
+                    rulers += ruler(model, tokenizer, args.ruler_tasks.split(","),
+                                    [int(n) for n in args.ruler_lengths.split(",")], args.ruler_limit, config=label)
                 ppl = heldout_ppl(model, blocks)
                 results.append({"row": label, "config": config, "adapter": adapter, "ppl": ppl,
                                 "sinks": options["sinks"] if options else 0, "reach_theory": theoretical_reach(model),
@@ -453,7 +507,12 @@ def probes_part(args, parsed, distances: list[int], lengths: list[int], depths: 
                 row.update(interval_columns(column, f"{sum(hits)}/{len(hits)}",
                                             *bootstrap_interval(hits, resamples=args.resamples), digits=2) if hits else
                            {column: "", f"{column}_lo": "", f"{column}_hi": ""})
+        for r in (r for r in rulers if r.config == label):
+            row.update(interval_columns(f"ruler_{r.task}_{r.length}", f"{round(r.score * r.samples)}/{r.samples}",
+                                        r.low, r.high, digits=2))
         row["heldout_ppl"] = f"{res['ppl']:.3f}"
+        calibrated = [p for p in res["config"].split("+") if p in getattr(args, "calibration_minutes", {})]
+        row["calibrate_minutes"] = f"{sum(args.calibration_minutes[p] for p in calibrated):.1f}" if calibrated else ""
         row["train_minutes"] = f"{minutes[res['adapter']]:.1f}" if res["adapter"] else ""
         row["probe_minutes"] = f"{res['probe_minutes']:.1f}"
         summary.append(row)
@@ -469,6 +528,8 @@ def main():
     if args.time_config:
         return time_prefill(args)
     spec = MODELS[args.model]
+    labels = [(label, label.partition("@")[0], "") for label in args.rows.split(",") if label.strip()]
+    args.calibration_minutes = calibrate_plans(args, labels)     # plans first: the rows' options read them
     parsed = expand_rows(args)
     if args.lead is None:
         args.lead = 32 + max((options or {}).get("sinks", 0) for options in (options_of(args, c) for _, c, _ in parsed))

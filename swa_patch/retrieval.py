@@ -70,7 +70,8 @@ def config_options(name: str, window: int, sinks: int, n_layers: int, global_lay
     ``window`` = the window alone on *every* layer (``window=[W] * n_layers``, so the layers a
     hybrid model such as Gemma 3 declares global are windowed too); ``+native`` keeps the
     model's own global layers full instead (``window=W``, what ``patch_model(model, window=W)``
-    does; the same as ``window`` on a model with none); ``+sinks`` adds the sinks (``sinks:N``:
+    does; the same as ``window`` on a model with none); ``plan:PATH`` takes the per-KV-head windows
+    and sinks of a saved :class:`~swa_patch.calibration.Plan`; ``+sinks`` adds the sinks (``sinks:N``:
     N of them), ``+full-layers:K`` makes every K-th layer full (layers K-1, 2K-1, ...),
     ``+decode-full`` sets decode="full", ``+decode-global`` decode=``global_layers`` (the layers
     a hybrid model declares global: Gemma 3's local layers were trained with their window, and
@@ -80,6 +81,10 @@ def config_options(name: str, window: int, sinks: int, n_layers: int, global_lay
     options = {"window": [window] * n_layers, "sinks": 0}
     for part in name.split("+"):
         if part == "window":
+            continue
+        if part.startswith("plan:"):          # a saved calibration plan: its per-KV-head windows and sinks
+            from .calibration import Plan
+            options.update(Plan.load(part[5:]).patch_options())
             continue
         if part == "native":
             options["window"] = window

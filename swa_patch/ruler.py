@@ -100,13 +100,9 @@ def add_cli(subparsers) -> None:
 
 def configure(model, name: str, window: int, sinks: int) -> None:
     """Patch ``model`` for configuration ``name`` (``plan:PATH``: a saved calibration plan)."""
-    from .calibration import Plan
     from .families import native_full_layers
     from .patch import patch_model
     from .retrieval import config_options
-    if name.startswith("plan:"):
-        patch_model(model, positions="original", **Plan.load(name[5:]).patch_options())
-        return
     config = model.config.get_text_config(decoder=True)
     options = config_options(name, window, sinks, config.num_hidden_layers, native_full_layers(config))
     if options is not None:

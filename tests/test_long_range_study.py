@@ -99,3 +99,37 @@ def test_the_first_copy_lies_past_every_rows_sinks(study, monkeypatch):
     monkeypatch.setattr("sys.argv", ["x", "--part", "probes", "--sink-sweep", "", "--rows", "dense,sinks"])
     study.main()
     assert seen["lead"] == 32 + 4
+
+
+def test_calibrated_rows_use_plans_from_the_training_split(study, tmp_path, monkeypatch):
+    """``heads:SHARE`` rows are calibrated once, on the training split only, and their options are
+    the saved plan's per-KV-head windows (with the row's other parts)."""
+    import torch
+
+    import swa_patch
+    from swa_patch import Plan
+    from swa_patch.models import load_model   # noqa: F401  (the name monkeypatched below)
+
+    args = study.parse_args(["--rows", "dense,heads:0.1+sinks,layers-nll:0.25", "--work", str(tmp_path),
+                             "--sink-sweep", ""])
+    seen = []
+
+    class Tok:
+        def __call__(self, text, return_tensors):
+            seen.append(text)
+            return type("Enc", (), {"input_ids": torch.arange(500)[None]})()
+
+    def fake_calibrate(model, ids, window, sinks, budget, method, unit, trials, source):
+        full = [(0, 1)] if unit == "head" else [(0, 0), (0, 1), (0, 2)]
+        return Plan(window, sinks, full, [[0.0] * 3 for _ in range(30)], budget, method=method, calibration={"source": source})
+    monkeypatch.setattr(swa_patch, "calibrate", fake_calibrate)
+    monkeypatch.setattr("swa_patch.models.load_model", lambda name: (None, Tok()))
+    labels = [(r, r, "") for r in args.rows.split(",")]
+    minutes = study.calibrate_plans(args, labels)
+    assert sorted(minutes) == ["heads:0.1", "layers-nll:0.25"]
+    train, held = (tmp_path / "train.txt").read_text(), (tmp_path / "heldout.txt").read_text()
+    assert seen == [train] and held not in seen              # tokenized once, for both plans
+    options = study.options_of(args, "heads:0.1+sinks")
+    assert options["window"][0] == [256, None, 256] and options["window"][1] == [256] * 3 and options["sinks"] == 4
+    assert study.options_of(args, "layers-nll:0.25")["window"][0] == [None] * 3
+    assert [label for label, _, _ in study.expand_rows(args)] == ["dense", "heads:0.1+sinks", "layers-nll:0.25"]
