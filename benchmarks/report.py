@@ -87,6 +87,8 @@ MEASURES = {
     "long_range_study_gemma3.csv": STUDY + ("recipes",),
     "long_range_study_prefill.csv": STUDY,
     "long_range_study_gemma3_prefill.csv": STUDY,
+    "frontier_smollm2.csv": STUDY + ("swa_patch/calibration.py", "swa_patch/ruler.py"),
+    "frontier_smollm2_prefill.csv": STUDY + ("swa_patch/calibration.py",),
     "gpu_check_h200.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/gpu_check.py"),
     "vllm_roundtrip.csv": ATTENTION + REAL + COMMON + ("swa_patch/export.py", "swa_patch/checkpoint.py",
                                                        "swa_patch/verify.py", "swa_patch/_vllm_driver.py",
@@ -508,8 +510,10 @@ def long_range(name="long_range_study.csv"):
     timing = {r["config"]: r for r in rows(_prefill_name(name))}
     lengths = _passkey_lengths(data[0])
     k = _tokens(next(iter(timing.values()))["tokens"]) if timing else "16k"
+    rulers = [c for c in data[0] if c.startswith("ruler_") and not c.endswith(("_lo", "_hi"))]
     header = (["configuration", "recall W/2", "recall 2W", "recall 8W", "reach (field)"]
               + [f"passkey {_tokens(n)}" for n in lengths]
+              + [f"RULER {c[6:].rsplit('_', 1)[0]} {_tokens(c.rsplit('_', 1)[1])}" for c in rulers]
               + ["held-out ppl", f"prefill {k} s (min–max)", "vs unpatched", "warm-up s", f"KV MiB at {k}"])
     body = []
     for r in data:
@@ -521,7 +525,8 @@ def long_range(name="long_range_study.csv"):
                   f"{float(t['prefill_speedup_vs_dense']):.2f}x", f(t["prefill_warmup_s"]), t["kv_mib"]] if t else
                  ["not measured", "–", "–", "–"])
         body.append([label, *(_with_interval(r, f"recall_{d}", 2) for d in ("W/2", "2W", "8W")),
-                     f"{r['effective_reach']} ({r['receptive_field']})", *keys, r["heldout_ppl"], *speed])
+                     f"{r['effective_reach']} ({r['receptive_field']})", *keys,
+                     *(_with_interval(r, c, 2) for c in rulers), r["heldout_ppl"], *speed])
     title = MODEL_TITLES[data[0].get("model") or "smollm2-135m"]
     met, text = long_range_target(name)
     within = ("within the unpatched model's 95 % interval" if any(c.endswith("_lo") for c in data[0])
@@ -1009,6 +1014,7 @@ SECTIONS = {
                                                            "min_s", "max_s", "vs_unpatched", "vs_unpatched_min",
                                                            "vs_unpatched_max", "warmup_s", "max_abs_logit_diff"]),
     "long_range": long_range, "long_range_gemma3": lambda: long_range("long_range_study_gemma3.csv"),
+    "frontier_smollm2": lambda: long_range("frontier_smollm2.csv"),
     "serving": serving, "gemma3": gemma3, "gemma3_headline": lambda: targets(GEMMA3_HEADLINE),
 }
 BLOCK = re.compile(r"(<!-- report:(\w+) -->\n)(.*?)(<!-- /report:\2 -->)", re.S)

@@ -25,6 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 R = "benchmarks/results"
 
+FRONTIER_ROWS = ("dense,sinks,sinks+full-layers:4,layers-nll:0.125+sinks,layers-nll:0.25+sinks,heads:0.05+sinks,"
+                 "heads:0.1+sinks,heads:0.25+sinks,heads-nll:0.1+sinks,sinks+decode-full")
 BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
     "prefill": (["benchmarks/prefill_scaling.py"], 44),
     "decode": (["benchmarks/cache_decode.py"], 3),
@@ -65,6 +67,10 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
                                   "--sink-sweep", ""], 34),
     "long_range_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes",
                            "--sink-sweep", ""], 65),
+    # issue 29's frontier: calibrated heads and layers beside the window, decode-full and dense, with RULER
+    # (not run in full yet: the estimate is the study's own, from its per-token rates)
+    "frontier": (["benchmarks/long_range_study.py", "--rows", FRONTIER_ROWS, "--sink-sweep", "",
+                  "--ruler-lengths", "1024,2048,4096", "--ruler-limit", "30", "--out", f"{R}/frontier_smollm2"], 240),
     "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 39),   # 5 paired rounds
     "vllm_roundtrip": (["benchmarks/vllm_roundtrip.py"], 10),   # not timed: log-probabilities served by vLLM
 }
