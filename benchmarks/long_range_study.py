@@ -54,7 +54,8 @@ unpatched model, the ``dense`` row, already windows 15 of its 18 layers at 512.
      length) through the row's own ``generate()`` (``swa_patch.ruler``), Wilson 95 % intervals.
 
    Rows may keep calibrated KV heads full: ``heads:SHARE`` (retrieval scores), ``heads-nll:SHARE`` (the
-   copy NLL each head wins back) and ``layers-nll:SHARE`` (whole layers by NLL), e.g. ``heads:0.1+sinks``;
+   copy NLL each head wins back), ``layers-nll:SHARE`` (whole layers by NLL) and ``decode-heads:SHARE`` (the
+   ``heads:SHARE`` plan's heads decode fully instead: prefill windowed everywhere), e.g. ``heads:0.1+sinks``;
    each is calibrated once per run with ``swa_patch.calibrate`` on the *training* split (the probes read
    the held-out split; RULER generates its own data), its plan saved in ``--work``, and its minutes
    written in ``calibrate_minutes``.
@@ -180,7 +181,8 @@ def parse_args(argv=None):
     return args
 
 
-CALIBRATED = {"heads": ("retrieval", "head"), "heads-nll": ("nll", "head"), "layers-nll": ("nll", "layer")}
+CALIBRATED = {"heads": ("retrieval", "head"), "heads-nll": ("nll", "head"), "layers-nll": ("nll", "layer"),
+              "decode-heads": ("retrieval", "head")}     # the retrieval plan's heads decode fully instead
 
 
 def options_of(args, config: str) -> dict | None:
@@ -190,8 +192,17 @@ def options_of(args, config: str) -> dict | None:
     from swa_patch.retrieval import config_options
 
     spec = MODELS[args.model]
-    parts = [f"plan:{plan_path(args, p)}" if p.split(":")[0] in CALIBRATED else p for p in config.split("+")]
+    parts = [(f"plan-decode:{plan_path(args, 'heads:' + p.partition(':')[2])}" if p.startswith("decode-heads:") else
+              f"plan:{plan_path(args, p)}" if p.split(":")[0] in CALIBRATED else p) for p in config.split("+")]
     return config_options("+".join(parts), args.window, args.sinks, spec["layers"], spec["global_layers"])
+
+
+def calibration_of(part: str) -> str | None:
+    """The calibration a row part needs (``decode-heads:S`` uses the plan of ``heads:S``), or None."""
+    kind, _, share = part.partition(":")
+    if kind not in CALIBRATED:
+        return None
+    return f"heads:{share}" if kind == "decode-heads" else part
 
 
 def plan_path(args, part: str) -> str:
@@ -205,7 +216,7 @@ def calibrate_plans(args, parsed) -> dict[str, float]:
     from swa_patch import calibrate
     from swa_patch.models import load_model
 
-    parts = sorted({p for _, config, _ in parsed for p in config.split("+") if p.split(":")[0] in CALIBRATED})
+    parts = sorted({calibration_of(p) for _, config, _ in parsed for p in config.split("+")} - {None})
     if not parts:
         return {}
     train, _ = split_text(args.work, args.heldout_fraction)
@@ -511,7 +522,8 @@ def probes_part(args, parsed, distances: list[int], lengths: list[int], depths: 
             row.update(interval_columns(f"ruler_{r.task}_{r.length}", f"{round(r.score * r.samples)}/{r.samples}",
                                         r.low, r.high, digits=2))
         row["heldout_ppl"] = f"{res['ppl']:.3f}"
-        calibrated = [p for p in res["config"].split("+") if p in getattr(args, "calibration_minutes", {})]
+        calibrated = [c for c in map(calibration_of, res["config"].split("+"))
+                      if c in getattr(args, "calibration_minutes", {})]
         row["calibrate_minutes"] = f"{sum(args.calibration_minutes[p] for p in calibrated):.1f}" if calibrated else ""
         row["train_minutes"] = f"{minutes[res['adapter']]:.1f}" if res["adapter"] else ""
         row["probe_minutes"] = f"{res['probe_minutes']:.1f}"

@@ -26,7 +26,8 @@ ROOT = os.path.dirname(HERE)
 R = "benchmarks/results"
 
 FRONTIER_ROWS = ("dense,sinks,sinks+full-layers:4,layers-nll:0.125+sinks,layers-nll:0.25+sinks,heads:0.05+sinks,"
-                 "heads:0.1+sinks,heads:0.25+sinks,heads-nll:0.1+sinks,sinks+decode-full")
+                 "heads:0.1+sinks,heads:0.25+sinks,heads-nll:0.1+sinks,decode-heads:0.1+sinks,decode-heads:0.25+sinks,"
+                 "sinks+decode-full")
 BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
     "prefill": (["benchmarks/prefill_scaling.py"], 44),
     "decode": (["benchmarks/cache_decode.py"], 3),

@@ -116,7 +116,7 @@ def run_plan(plan: LayerPlan, query, key, value, attention_mask: MaskInfo | None
     dim = query.shape[-1]
     if layout.query_extra is not None:
         query = torch.cat([query, layout.query_extra(query)], dim=-1)
-    if plan.spec.decode_full and plan.backend != "eager":     # eager applies the predicate as it is
+    if plan.spec.decode_full and plan.spec.kv_decode_full is None and plan.backend != "eager":   # eager: the predicate
         out = _attend_decode_full(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
     else:
         out = _attend_spec(plan.backend, query, key, value, layout, plan.spec, scaling, softcap, s_aux)
@@ -280,7 +280,8 @@ def _attend_head_groups(requested, query, key, value, layout, spec, scaling, sof
     n_kv = key.shape[1] if split is None else split.n_kv
     dim, outs, order = query.shape[-1], [], []
     for group_spec, heads in spec.head_groups(query.shape[1], n_kv):
-        k, v, part_layout, held = (key, value, layout, None) if split is None else split.part(group_spec.window is None)
+        grows = group_spec.window is None or group_spec.decode_full
+        k, v, part_layout, held = (key, value, layout, None) if split is None else split.part(grows)
         q, k, v, group_layout, group_aux = _select_heads(query, k, v, part_layout, s_aux, heads,
                                                          query.shape[1] // n_kv, held)
         if group_spec.window is None and group_layout.n_sinks:    # a full head's sinks are among its keys
@@ -288,7 +289,8 @@ def _attend_head_groups(requested, query, key, value, layout, spec, scaling, sof
                                                sink_valid=None)
         if split is not None and group_layout.query_extra is not None:    # a shift-mode chunk's window part
             q = torch.cat([q, group_layout.query_extra(q)], dim=-1)
-        out = _attend(requested, q, k, v, group_layout, group_spec, scaling, softcap, group_aux)
+        attend = _attend_decode_full if group_spec.decode_full and requested != "eager" else _attend
+        out = attend(requested, q, k, v, group_layout, group_spec, scaling, softcap, group_aux)
         outs.append(out[..., :dim])
         order += heads
     out = torch.cat(outs, dim=2)                                  # [B, q, H, D], group order
@@ -301,7 +303,8 @@ def _attend_head_groups(requested, query, key, value, layout, spec, scaling, sof
 class SplitKeys:
     """The keys of a cache layer whose KV heads differ in kind: ``window`` holds the rolling
     heads (``window_heads``, a ring of constant size), ``full`` the heads that keep every key
-    (``full_heads``); each part is ``(key, value, layout)`` of its own heads only."""
+    (``full_heads``: full heads, and heads that decode fully); each part is ``(key, value, layout)``
+    of its own heads only."""
     n_kv: int
     window_heads: list[int]
     window: tuple
@@ -352,14 +355,14 @@ def contiguous_layout(info: MaskInfo | None, query, key, value, spec: LayerSpec)
         raise ValueError(f"attention_mask covers {padding.shape[1]} tokens but the stream has "
                          f"{q_start + lq}; pass the mask of every token seen so far")
     key_real = None if padding is None else padding[:, k_start:k_start + lk]
-    keeps_all = spec.window is None or spec.decode_full or spec.has_full_heads
+    keeps_all = spec.grows
     oldest_needed = 0 if keeps_all else max(0, q_start - spec.span + 1)
     if k_start > oldest_needed:
         raise RuntimeError(f"the cache kept keys from position {k_start} on, but this layer's "
-                           f"{'decode_full attention' if spec.decode_full else 'window'} needs them from "
+                           f"{'decode_full attention' if spec.any_decode_full else 'window'} needs them from "
                            f"{oldest_needed}: use swa_patch.make_cache(model)")
     layout = KeyLayout(q_start, k_start, key_real, memo=None if info is None else info.memo)
-    if spec.decode_full:
+    if spec.any_decode_full:
         full_from = None if info is None else info.full_from
         layout.full_from = (torch.full((1,), q_start + lq - 1, device=key.device) if full_from is None
                             else full_from.to(key.device))

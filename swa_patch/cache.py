@@ -93,7 +93,7 @@ class SWACache(Cache):
             raise ValueError(f"positions must be 'original' or 'shift', got {positions!r}")
         if positions == "shift" and (ropes is None or len(ropes) != len(specs)):
             raise ValueError("positions='shift' needs ropes: one LayerRope per layer")
-        decode_full = [i for i, s in enumerate(specs) if s.decode_full]
+        decode_full = [i for i, s in enumerate(specs) if s.any_decode_full]
         if positions == "shift" and decode_full:
             raise ValueError(f"layers {decode_full} decode fully (decode='full'): their cache keeps every key "
                              "at its original position; positions='shift' cannot apply, use 'original'")
@@ -112,9 +112,10 @@ class SWACache(Cache):
     def _make_layer(self, layer_idx: int, spec: LayerSpec):
         if spec.window is None or spec.decode_full:
             return FullLayer(self, layer_idx, spec)
-        if spec.has_full_heads:
-            return SplitLayer(self, layer_idx, spec)
-        return SlidingLayer(self, layer_idx, spec)
+        if not spec.grows:
+            return SlidingLayer(self, layer_idx, spec)
+        window_heads, _, growing = _head_kinds(spec)
+        return SplitLayer(self, layer_idx, spec) if window_heads else FullLayer(self, layer_idx, growing)
 
     # ---- one forward -------------------------------------------------------------------
     def begin(self, q_len: int, attention_mask: torch.Tensor | None = None, batch_size: int = 1,
@@ -607,9 +608,9 @@ class SlidingLayer(_SWALayer):
 
 
 class SplitLayer(_SWALayer):
-    """A layer whose KV heads differ in kind (``window=[[W, None, ...]]``): the windowed heads
-    live in a :class:`SlidingLayer` (sinks + ring, constant memory), the full heads in a
-    :class:`FullLayer` that grows; the attention function gets both parts as
+    """A layer whose KV heads differ in kind (``window=[[W, None, ...]]``, ``decode=[[heads] per
+    layer]``): the windowed heads live in a :class:`SlidingLayer` (sinks + ring, constant memory),
+    the full heads and the heads that decode fully in a :class:`FullLayer` that grows; the attention function gets both parts as
     :class:`~swa_patch.attention.SplitKeys` and runs each head group on its own part's keys."""
     is_sliding = False
     rolls = True
@@ -617,12 +618,12 @@ class SplitLayer(_SWALayer):
     def __init__(self, owner: SWACache, layer_idx: int, spec: LayerSpec):
         super().__init__(owner, layer_idx)
         self.spec = spec
-        self.window_heads = [h for h, w in enumerate(spec.kv_windows) if w is not None]
-        self.full_heads = [h for h, w in enumerate(spec.kv_windows) if w is None]
-        windowed = dataclasses.replace(spec, window=tuple(spec.kv_windows[h] for h in self.window_heads),
-                                       kv_windows=None)
+        self.window_heads, self.full_heads, growing = _head_kinds(spec)
+        windows = spec.kv_windows or (spec.window,) * (len(self.window_heads) + len(self.full_heads))
+        windowed = dataclasses.replace(spec, window=tuple(windows[h] for h in self.window_heads), kv_windows=None,
+                                       kv_decode_full=None)
         self.window_part = SlidingLayer(owner, layer_idx, windowed)
-        self.full_part = FullLayer(owner, layer_idx, LayerSpec(None))
+        self.full_part = FullLayer(owner, layer_idx, growing)
 
     @property
     def parts(self) -> tuple["_SWALayer", "_SWALayer"]:
@@ -675,6 +676,20 @@ class SplitLayer(_SWALayer):
             part.crop_to(new_len)
         self.keys, self.values = self.full_part.keys, self.full_part.values
         self.seen = new_len
+
+
+def _head_kinds(spec: LayerSpec) -> tuple[list[int], list[int], LayerSpec]:
+    """(KV heads that only roll, KV heads that keep every key, the spec of a cache layer holding the
+    latter: full, or marked decode_full so it records the boundary and gathers the sinks that a
+    decode-full head's prompt queries see)."""
+    n_kv = len(spec.kv_windows or spec.kv_decode_full)
+    windows = spec.kv_windows or (spec.window,) * n_kv
+    decodes = spec.kv_decode_full or (spec.decode_full,) * n_kv
+    rolling = [h for h in range(n_kv) if windows[h] is not None and not decodes[h]]
+    growing = [h for h in range(n_kv) if windows[h] is None or decodes[h]]
+    decoding = [windows[h] for h in growing if decodes[h] and windows[h] is not None]
+    kept = LayerSpec(max(decoding), spec.dilation, spec.sinks, decode_full=True) if decoding else LayerSpec(None)
+    return rolling, growing, kept
 
 
 def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:

@@ -45,8 +45,14 @@ class Plan:
         return [[None if (layer, head) in full else self.window for head in range(len(row))]
                 for layer, row in enumerate(self.scores)]
 
-    def patch_options(self) -> dict:
-        return {"window": self.windows(), "sinks": self.sinks}
+    def patch_options(self, decode: bool = False) -> dict:
+        """``patch_model`` options: the chosen heads full (``decode=False``), or every head windowed
+        and the chosen heads decoding fully (``decode=True``: prefill stays windowed, and only the
+        chosen heads' caches grow)."""
+        if not decode:
+            return {"window": self.windows(), "sinks": self.sinks}
+        heads = [[h for h, w in enumerate(row) if w is None] for row in self.windows()]
+        return {"window": self.window, "sinks": self.sinks, "decode": heads}
 
     @property
     def full_share(self) -> float:

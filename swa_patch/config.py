@@ -83,7 +83,8 @@ class SWAConfig:
         ``decode`` is "window".
     decode: ``"window"`` (every query windowed), ``"full"`` (queries that predict answer or
         generated tokens, rows >= P - 1 for a P-token prompt, attend every earlier token in
-        every windowed layer) or a list of layer indices that decode fully.  Those layers'
+        every windowed layer), a list of layer indices that decode fully, or one list of KV
+        heads per layer (``[[], [1], ...]``: only those heads decode fully, only their caches grow).  Those layers'
         caches keep every key (prefill stays linear, memory does not), so positions are
         ``original``.
     """
@@ -135,14 +136,27 @@ class SWAConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.positions is not None and self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES} or None, got {self.positions!r}")
-        self._check_decode(n_layers)
+        self._check_decode(n_layers, n_kv_heads)
         if self.backend in FLASH_BACKENDS and any(max_dilation(d) > 1 for d in (dilations or [self.dilation])):
             raise ValueError(f"backend={self.backend!r} cannot express dilation > 1 (flash-attn windows are "
                              "contiguous); use backend='sdpa', 'flex' or 'auto'")
         return self
 
-    def _check_decode(self, n_layers: int | None) -> None:
-        if isinstance(self.decode, (list, tuple)):
+    def _check_decode(self, n_layers: int | None, n_kv_heads: int | None = None) -> None:
+        if self._decode_per_head:
+            if n_layers is not None and len(self.decode) != n_layers:
+                raise ValueError(f"decode has {len(self.decode)} per-layer entries but the model has {n_layers} "
+                                 f"layers; give one list of KV heads per layer ([] = that layer windowed)")
+            for layer, heads in enumerate(self.decode):
+                if not isinstance(heads, (list, tuple)):
+                    raise TypeError(f"decode[{layer}] must be a list of KV head indices, got {heads!r} (decode is "
+                                    "either layer indices or one list of KV heads per layer, not both)")
+                for h in heads:
+                    _check_int(f"decode[{layer}] entry", h, 0)
+                    if n_kv_heads is not None and h >= n_kv_heads:
+                        raise ValueError(f"decode[{layer}] entry {h} is out of range: the model has KV heads "
+                                         f"0..{n_kv_heads - 1}")
+        elif isinstance(self.decode, (list, tuple)):
             for i in self.decode:
                 _check_int("decode entry", i, 0)
                 if n_layers is not None and i >= n_layers:
@@ -156,14 +170,29 @@ class SWAConfig:
                              "apply: use positions='original' (the default with decode != 'window')")
 
     @property
+    def _decode_per_head(self) -> bool:
+        """``decode`` is one list of KV heads per layer (not layer indices)."""
+        return isinstance(self.decode, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in self.decode)
+
+    @property
     def decodes_full(self) -> bool:
-        """Some layer attends fully from the prompt boundary on."""
+        """Some layer (or KV head) attends fully from the prompt boundary on."""
+        if self._decode_per_head:
+            return any(len(heads) for heads in self.decode)
         return self.decode == "full" or (isinstance(self.decode, (list, tuple)) and len(self.decode) > 0)
 
     def decode_full_layers(self, n_layers: int) -> set[int]:
         if self.decode == "full":
             return set(range(n_layers))
+        if self._decode_per_head:
+            return set()
         return set(self.decode) if isinstance(self.decode, (list, tuple)) else set()
+
+    def decode_full_heads(self, layer: int, n_kv_heads: int | None) -> tuple[bool, ...] | None:
+        """Per KV head of ``layer``, whether it decodes fully (``decode=[[heads] per layer]``), else None."""
+        if not self._decode_per_head or not self.decode[layer]:
+            return None
+        return tuple(h in self.decode[layer] for h in range(n_kv_heads))
 
     @property
     def position_mode(self) -> str:
@@ -192,8 +221,12 @@ class SWAConfig:
         if not isinstance(self.window, (list, tuple)):
             full |= set(native_full)
         decode_full = self.decode_full_layers(n_layers)
+        if n_kv_heads is None and self._decode_per_head:
+            raise ValueError("decode has per-KV-head lists, which need the model's num_key_value_heads "
+                             "(pass n_kv_heads, or the model or its config)")
         specs = [LayerSpec(None) if (i in full or windows[i] is None)
-                 else LayerSpec(windows[i], dilations[i], self.sinks, decode_full=i in decode_full)
+                 else LayerSpec(windows[i], dilations[i], self.sinks, decode_full=i in decode_full,
+                                kv_decode_full=self.decode_full_heads(i, n_kv_heads))
                  for i in range(n_layers)]
         dilated = [i for i, s in enumerate(specs) if s.window is not None and s.dilation > 1]
         if self.backend in FLASH_BACKENDS and dilated:

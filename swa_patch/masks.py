@@ -36,6 +36,7 @@ class LayerSpec:
 
     ``decode_full``: queries from each row's prompt boundary on (``full_from``) see every
     earlier key (``patch_model(..., decode="full")``); the window applies before it.
+    ``kv_decode_full``: the same per KV head (``decode=[[KV heads] per layer]``), when the heads differ.
     """
 
     window: int | None
@@ -44,8 +45,15 @@ class LayerSpec:
     head_dilations: tuple[int, ...] | None = None
     decode_full: bool = False
     kv_windows: tuple[int | None, ...] | None = None
+    kv_decode_full: tuple[bool, ...] | None = None
 
     def __post_init__(self):
+        flags = self.kv_decode_full
+        if flags is not None:
+            flags = tuple(bool(f) for f in flags)
+            if all(flags):
+                object.__setattr__(self, "decode_full", True)
+            object.__setattr__(self, "kv_decode_full", None if all(flags) or not any(flags) else flags)
         per_kv = self.kv_windows
         if isinstance(self.window, (list, tuple)):
             per_kv = self.window
@@ -64,8 +72,18 @@ class LayerSpec:
 
     @property
     def per_head(self) -> bool:
-        """Heads differ (dilation or window): kernels run :meth:`head_groups`, never this spec."""
-        return self.head_dilations is not None or self.kv_windows is not None
+        """Heads differ (dilation, window or decode): kernels run :meth:`head_groups`, never this spec."""
+        return self.head_dilations is not None or self.kv_windows is not None or self.kv_decode_full is not None
+
+    @property
+    def any_decode_full(self) -> bool:
+        """Some head attends fully from the prompt boundary on."""
+        return self.decode_full or self.kv_decode_full is not None
+
+    @property
+    def grows(self) -> bool:
+        """Some KV head keeps every key (a full head, or a head that decodes fully)."""
+        return self.window is None or self.any_decode_full or self.has_full_heads
 
     @property
     def has_full_heads(self) -> bool:
@@ -85,22 +103,30 @@ class LayerSpec:
         if self.kv_windows is not None and ((n_kv_heads not in (None, len(windows))) or n_heads % len(windows)):
             raise ValueError(f"this layer has {len(windows)} per-KV-head windows but the call has "
                              f"{n_kv_heads} KV heads and {n_heads} query heads")
+        if self.kv_decode_full is not None and ((n_kv_heads not in (None, len(self.kv_decode_full)))
+                                                or n_heads % len(self.kv_decode_full)):
+            raise ValueError(f"this layer has {len(self.kv_decode_full)} per-KV-head decode modes but the call "
+                             f"has {n_kv_heads} KV heads and {n_heads} query heads")
+        flags = self.kv_decode_full or (self.decode_full,)
         groups: dict[tuple, list[int]] = {}
         for head in range(n_heads):
             w = windows[head * len(windows) // n_heads]
             d = self.dilation if self.head_dilations is None else self.head_dilations[head]
-            groups.setdefault((w is None, w or 0, d if w is not None else 1), []).append(head)
-        return [(self.uniform(w or None, d), heads) for (_, w, d), heads in sorted(groups.items())]
+            full = flags[head * len(flags) // n_heads] and w is not None
+            groups.setdefault((w is None, w or 0, d if w is not None else 1, full), []).append(head)
+        return [(self.uniform(w or None, d, full), heads) for (_, w, d, full), heads in sorted(groups.items())]
 
-    def uniform(self, window: int | None, dilation: int) -> "LayerSpec":
-        """This spec with one window and dilation for every head (``None``: full attention)."""
+    def uniform(self, window: int | None, dilation: int, decode_full: bool | None = None) -> "LayerSpec":
+        """This spec with one window, dilation and decode mode for every head (``None``: full attention)."""
         if window is None:
             return LayerSpec(None)
-        return dataclasses.replace(self, window=window, dilation=dilation, head_dilations=None, kv_windows=None)
+        return dataclasses.replace(self, window=window, dilation=dilation, head_dilations=None, kv_windows=None,
+                                   kv_decode_full=None,
+                                   decode_full=self.decode_full if decode_full is None else decode_full)
 
     def windowed(self) -> "LayerSpec":
         """The window that applies before the prompt boundary (this spec without decode_full)."""
-        return dataclasses.replace(self, decode_full=False)
+        return dataclasses.replace(self, decode_full=False, kv_decode_full=None)
 
     @property
     def span(self) -> int | None:
@@ -165,15 +191,19 @@ def _per_head_reference(spec: LayerSpec, n, attention_mask, device, full_from, d
     """One mask per query head ``h``: the window of its KV head ``h // (heads / Hkv)`` and its own
     dilation, worked out here head by head (not through :meth:`LayerSpec.head_groups`)."""
     kv = spec.kv_windows or (spec.window,)
-    heads = heads or (len(spec.head_dilations) if spec.head_dilations is not None else len(kv))
-    if heads % len(kv):
-        raise ValueError(f"{heads} query heads cannot share {len(kv)} KV heads evenly")
+    flags = spec.kv_decode_full or (spec.decode_full,)
+    n_kv = max(len(kv), len(flags))
+    heads = heads or (len(spec.head_dilations) if spec.head_dilations is not None else n_kv)
+    if heads % n_kv:
+        raise ValueError(f"{heads} query heads cannot share {n_kv} KV heads evenly")
     by_spec, per_head = {}, []
     for head in range(heads):
         window = kv[head // (heads // len(kv))]
         d = spec.head_dilations[head] if spec.head_dilations is not None else spec.dilation
+        full = flags[head // (heads // len(flags))]
         one = (LayerSpec(None) if window is None else
-               dataclasses.replace(spec, window=window, dilation=d, head_dilations=None, kv_windows=None))
+               dataclasses.replace(spec, window=window, dilation=d, head_dilations=None, kv_windows=None,
+                                   kv_decode_full=None, decode_full=full))
         if one not in by_spec:
             by_spec[one] = reference_mask(one, n, attention_mask, device, full_from, documents)
         per_head.append(by_spec[one])

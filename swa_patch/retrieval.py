@@ -71,7 +71,8 @@ def config_options(name: str, window: int, sinks: int, n_layers: int, global_lay
     hybrid model such as Gemma 3 declares global are windowed too); ``+native`` keeps the
     model's own global layers full instead (``window=W``, what ``patch_model(model, window=W)``
     does; the same as ``window`` on a model with none); ``plan:PATH`` takes the per-KV-head windows
-    and sinks of a saved :class:`~swa_patch.calibration.Plan`; ``+sinks`` adds the sinks (``sinks:N``:
+    and sinks of a saved :class:`~swa_patch.calibration.Plan` (``plan-decode:PATH``: its heads decode
+    fully instead, every head windowed in the prompt); ``+sinks`` adds the sinks (``sinks:N``:
     N of them), ``+full-layers:K`` makes every K-th layer full (layers K-1, 2K-1, ...),
     ``+decode-full`` sets decode="full", ``+decode-global`` decode=``global_layers`` (the layers
     a hybrid model declares global: Gemma 3's local layers were trained with their window, and
@@ -82,9 +83,12 @@ def config_options(name: str, window: int, sinks: int, n_layers: int, global_lay
     for part in name.split("+"):
         if part == "window":
             continue
-        if part.startswith("plan:"):          # a saved calibration plan: its per-KV-head windows and sinks
+        if part.startswith(("plan:", "plan-decode:")):    # a saved calibration plan: its heads full, or decoding fully
             from .calibration import Plan
-            options.update(Plan.load(part[5:]).patch_options())
+            kind, _, path = part.partition(":")
+            plan_options = Plan.load(path).patch_options(decode=kind == "plan-decode")
+            options.update(plan_options, window=[plan_options["window"]] * n_layers
+                           if isinstance(plan_options["window"], int) else plan_options["window"])
             continue
         if part == "native":
             options["window"] = window

@@ -33,7 +33,7 @@ class StaticSWACache(SWACache):
 
     def __init__(self, specs: list[LayerSpec], max_cache_len: int | None = None, positions: str = "original",
                  ropes: list[LayerRope] | None = None):
-        decode_full = [i for i, s in enumerate(specs) if s.decode_full]
+        decode_full = [i for i, s in enumerate(specs) if s.any_decode_full]
         if decode_full:
             raise ValueError(f"static=True: layers {decode_full} decode fully (decode='full') and keep every key; "
                              "use the default (dynamic) cache")

@@ -105,6 +105,12 @@ def wrong_specs(specs) -> dict:
             variants[name] = [_edit_first_windowed_head(s, change) for s in specs]
         variants["heads rolled"] = [s if s.kv_windows is None else dataclasses.replace(
             s, window=s.kv_windows[1:] + s.kv_windows[:1], kv_windows=None) for s in specs]
+    if any(s.kv_decode_full is not None for s in specs):   # per-KV-head decode: on the wrong heads, or on none
+        variants["decode heads rolled"] = [s if s.kv_decode_full is None else dataclasses.replace(
+            s, kv_decode_full=s.kv_decode_full[1:] + s.kv_decode_full[:1]) for s in specs]
+        variants["no head decodes"] = [dataclasses.replace(s, kv_decode_full=None) for s in specs]
+        variants["every head decodes"] = [s if s.kv_decode_full is None else dataclasses.replace(
+            s, kv_decode_full=None, decode_full=True) for s in specs]
     return variants
 
 

@@ -62,6 +62,7 @@ def test_plan_keeps_the_highest_scoring_kv_heads(monkeypatch, tmp_path):
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == plan
     assert json.loads((tmp_path / "plan.json").read_text())["calibration"]["source"] == "test"
+    assert plan.patch_options(decode=True) == {"window": 8, "sinks": 2, "decode": [[1], [], [0]]}
     patch_model(model, **plan.patch_options())
     assert [s.kv_windows for s in layer_specs(model)] == [(8, None), None, (None, 8)]
     swa_patch.save_pretrained(model, tmp_path / "ckpt")

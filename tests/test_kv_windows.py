@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import swa_patch
 from swa_patch import SWAConfig, export_for_serving, make_cache, patch_model, receptive_field, unpatch_model
 from swa_patch.attention import LayerPlan, MaskInfo, run_plan
-from swa_patch.cache import SlidingLayer, SplitLayer
+from swa_patch.cache import FullLayer, SlidingLayer, SplitLayer
 from swa_patch.masks import LayerSpec, band, reference_mask
 from swa_patch.patch import layer_specs
 from tests.models import per_head, reference_logits, tiny_model
@@ -296,3 +296,85 @@ def test_receptive_field_of_a_layer_with_a_full_head():
         receptive_field(config, window=[[4, None], [4, 4]])
     assert receptive_field(config, window=[[4, 7], [4, 3]]) == (7 - 1) + (4 - 1) + 1
     assert receptive_field(config, seq_len=50, window=[[4, None], [4, 3]]) == 50
+
+
+# ---- decode="full" on some KV heads only ---------------------------------------------------
+
+PER_KV_DECODE = dict(window=[[5, 5], [None, 3]], decode=[[1], [1]], sinks=2)
+
+
+def test_spec_keeps_per_kv_head_decode_modes():
+    spec = LayerSpec((5, None, 5), 1, 2, kv_decode_full=(True, False, False))
+    assert spec.any_decode_full and not spec.decode_full and spec.grows and spec.per_head
+    assert spec.head_groups(6, 3) == [(LayerSpec(5, 1, 2), [4, 5]), (LayerSpec(5, 1, 2, decode_full=True), [0, 1]),
+                                      (LayerSpec(None), [2, 3])]
+    assert LayerSpec(5, kv_decode_full=(True, True)) == LayerSpec(5, decode_full=True)
+    assert LayerSpec(5, kv_decode_full=(False, False)) == LayerSpec(5)
+    full_from = torch.tensor([12])
+    mask = reference_mask(spec, 20, full_from=full_from, heads=6)
+    assert torch.equal(mask[:, 0], reference_mask(LayerSpec(5, 1, 2, decode_full=True), 20, full_from=full_from))
+    assert torch.equal(mask[:, 4], reference_mask(LayerSpec(5, 1, 2), 20))
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+def test_decode_heads_match_reference(backend):
+    """Prompt queries of a decoding head see their window, its answer queries every key; the other
+    heads keep their windows.  The tolerance rejects the decode on the wrong head, on none and on all."""
+    from tests.models import assert_matches_reference_only
+
+    model = tiny_model("llama", head_dim=16)
+    ids = ids_for(40, seed=3)
+    patch_model(model, backend=backend, **PER_KV_DECODE)
+    specs = layer_specs(model)
+    assert [s.kv_decode_full for s in specs] == [(False, True), (False, True)]
+    with torch.no_grad():
+        out = model(ids, prompt_lengths=25).logits
+    streamed, cache = chunked(model, ids, [25, 1, 1, 6, 7], cache=make_cache(model, prompt_lengths=25))
+    unpatch_model(model)
+    assert_matches_reference_only(model, out, specs, ids, full_from=torch.tensor([24]), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(streamed, out, atol=5e-5, rtol=0)
+    # layer 0: head 0 rolls (5 slots), head 1 keeps every key; layer 1: head 0 full, head 1 decodes: all kept
+    first, second = cache.layers
+    assert first.window_part.keys.shape[1:3] == (1, 5) and first.full_part.keys.shape[1:3] == (1, 40)
+    assert isinstance(second, FullLayer) and second.keys.shape[1:3] == (2, 40)
+
+
+def test_generate_with_decode_heads_equals_greedy_over_the_reference():
+    model = tiny_model("llama")
+    ids = ids_for(14, seed=5)
+    patch_model(model, backend="sdpa", **PER_KV_DECODE)
+    specs = layer_specs(model)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    unpatch_model(model)
+    seq = ids
+    for _ in range(16):
+        nxt = reference_logits(model, specs, seq, full_from=torch.tensor([13]))[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+def test_decode_heads_cache_bytes_grow_only_for_those_heads():
+    def growth(options, n1=40, n2=70):
+        model = patch_model(tiny_model("llama", num_key_value_heads=4, num_attention_heads=8, head_dim=16),
+                            backend="sdpa", **options)
+        prompt = {"prompt_lengths": 10} if "decode" in options else {}
+        _, cache = stepwise(model, ids_for(n1, seed=1), cache=make_cache(model, **prompt))
+        small = cache.nbytes()
+        _, cache = stepwise(model, ids_for(n2, seed=1), cache=make_cache(model, **prompt))
+        return (cache.nbytes() - small) / (n2 - n1)
+    assert growth(dict(window=6, sinks=2, decode=[[2], []])) == 2 * 16 * 4 + 1      # one head's k, v + the flag
+    assert growth(dict(window=6, sinks=2, positions="original")) == 0
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(window=4, decode=[[1]]), r"decode has 1 per-layer entries but the model has 2 layers"),
+    (dict(window=4, decode=[[2], []]), r"decode\[0\] entry 2 is out of range: the model has KV heads 0..1"),
+    (dict(window=4, decode=[[0], 1]), r"decode\[1\] must be a list of KV head indices"),
+    (dict(window=4, decode=[[0], []], positions="shift"), r"positions='shift'"),
+])
+def test_decode_heads_validation(options, match):
+    model = tiny_model("llama")
+    with pytest.raises((ValueError, TypeError), match=match):
+        patch_model(model, **options)
+    assert getattr(model, "_swa_patch_state", None) is None

@@ -133,3 +133,5 @@ def test_calibrated_rows_use_plans_from_the_training_split(study, tmp_path, monk
     assert options["window"][0] == [256, None, 256] and options["window"][1] == [256] * 3 and options["sinks"] == 4
     assert study.options_of(args, "layers-nll:0.25")["window"][0] == [None] * 3
     assert [label for label, _, _ in study.expand_rows(args)] == ["dense", "heads:0.1+sinks", "layers-nll:0.25"]
+    decoding = study.options_of(args, "decode-heads:0.1+sinks")           # the heads:0.1 plan, decoding instead
+    assert decoding["window"] == [256] * 30 and decoding["decode"][0] == [1] and decoding["decode"][1] == []
