@@ -46,9 +46,12 @@ class Row:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of every tensor held by the cache's layers (keys, values, sink slots, ...)."""
+    """Bytes of every tensor held by the cache's layers (keys, values, sink slots, ...); an
+    :class:`~swa_patch.cache.SWACache` counts its own (a layer may keep its heads in parts)."""
     if cache is None:
         return 0
+    if callable(getattr(cache, "nbytes", None)):
+        return cache.nbytes()
     seen, total = set(), 0
     for layer in getattr(cache, "layers", ()):
         for value in vars(layer).values():

@@ -378,3 +378,13 @@ def test_decode_heads_validation(options, match):
     with pytest.raises((ValueError, TypeError), match=match):
         patch_model(model, **options)
     assert getattr(model, "_swa_patch_state", None) is None
+
+
+def test_cache_bytes_counts_every_part():
+    """What the streaming table and the study's KV column read: both parts of a split layer."""
+    from swa_patch.streaming import cache_bytes
+
+    model = patch_model(tiny_model("llama"), backend="sdpa", positions="original", **PER_KV)
+    _, cache = stepwise(model, ids_for(30, seed=1))
+    parts = sum(p.nbytes() for layer in cache.layers for p in layer.parts)
+    assert cache_bytes(cache) == cache.nbytes() == parts > 0
