@@ -396,7 +396,8 @@ def time_prefill(args) -> None:
 def prefill(args, config: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--time-config", config, "--model", args.model,
            "--window", str(args.window), "--sinks", str(args.sinks), "--prefill-tokens", str(args.prefill_tokens),
-           "--prefill-rounds", str(args.prefill_rounds), "--threads", str(args.threads)]
+           "--prefill-rounds", str(args.prefill_rounds), "--threads", str(args.threads),
+           "--work", args.work]                     # where the calibrated rows' plans are
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"timing {config} failed:\n{out.stderr[-3000:]}")

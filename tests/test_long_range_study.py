@@ -133,5 +133,12 @@ def test_calibrated_rows_use_plans_from_the_training_split(study, tmp_path, monk
     assert options["window"][0] == [256, None, 256] and options["window"][1] == [256] * 3 and options["sinks"] == 4
     assert study.options_of(args, "layers-nll:0.25")["window"][0] == [None] * 3
     assert [label for label, _, _ in study.expand_rows(args)] == ["dense", "heads:0.1+sinks", "layers-nll:0.25"]
+    child = study.parse_args(["--time-config", "heads:0.1+sinks", "--work", str(tmp_path)])   # a timing process
+    assert study.options_of(child, "heads:0.1+sinks") == options
+    calls = []
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or type(
+        "Done", (), {"returncode": 0, "stdout": '{"warmup_s": 1, "seconds": [1], "kv_bytes": 1}'})())
+    study.prefill(args, "heads:0.1+sinks")
+    assert calls[0][calls[0].index("--work") + 1] == str(tmp_path)            # the child finds the plans
     decoding = study.options_of(args, "decode-heads:0.1+sinks")           # the heads:0.1 plan, decoding instead
     assert decoding["window"] == [256] * 30 and decoding["decode"][0] == [1] and decoding["decode"][1] == []
