@@ -134,17 +134,18 @@ def main():
         plot(rows[:-1], median, args.plot)
 
 
-def plot(rows, median, path):
+def plot(rows, median, path, target=TARGET, label="patched / unpatched",
+         title=f"SmolLM2-135M decode step, W={WINDOW} + {SINKS} sinks vs unpatched"):
+    """Per-round ratios (``rows[i]["ratio"]``), the target and the median; kv_head_decode.py uses it too."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.plot([r["round"] for r in rows], [r["ratio"] for r in rows], marker="o", label="patched / unpatched")
-    ax.axhline(TARGET, color="red", linestyle="--", label=f"target {TARGET}x")
+    ax.plot([r["round"] for r in rows], [r["ratio"] for r in rows], marker="o", label=label)
+    ax.axhline(target, color="red", linestyle="--", label=f"target {target}x")
     ax.axhline(median, color="gray", linestyle=":", label=f"median {median:.3f}x")
     ax.axhline(1.0, color="black", linewidth=0.5)
-    ax.set(xlabel="paired round", ylabel="decode step time ratio",
-           title=f"SmolLM2-135M decode step, W={WINDOW} + {SINKS} sinks vs unpatched")
+    ax.set(xlabel="paired round", ylabel="decode step time ratio", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

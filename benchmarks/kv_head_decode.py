@@ -35,7 +35,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 from common import RESULTS, paired_rounds, print_table, write_csv  # noqa: E402
-from decode_step import Stream, prefill  # noqa: E402
+from decode_step import Stream, plot, prefill  # noqa: E402
 
 TARGET = 1.1
 WINDOW, SINKS = 256, 4
@@ -118,24 +118,8 @@ def main():
           f"{kv_mib['whole layers']} MiB at {streams['per head'].position} tokens; target <= {TARGET}x: "
           f"{'met' if median <= TARGET else 'NOT met'}")
     if args.plot:
-        plot(rows[:-1], median, args.plot, args.full)
-
-
-def plot(rows, median, path, full):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.plot([r["round"] for r in rows], [r["ratio"] for r in rows], marker="o", label="per head / whole layers")
-    ax.axhline(TARGET, color="red", linestyle="--", label=f"target {TARGET}x")
-    ax.axhline(median, color="gray", linestyle=":", label=f"median {median:.3f}x")
-    ax.axhline(1.0, color="black", linewidth=0.5)
-    ax.set(xlabel="paired round", ylabel="decode step time ratio",
-           title=f"SmolLM2-135M decode step, {full} full KV heads: single heads vs whole layers")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        plot(rows[:-1], median, args.plot, TARGET, "per head / whole layers",
+             f"SmolLM2-135M decode step, {args.full} full KV heads: single heads vs whole layers")
 
 
 if __name__ == "__main__":

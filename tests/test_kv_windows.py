@@ -221,16 +221,21 @@ def test_decode_full_with_per_kv_head_windows():
     torch.testing.assert_close(streamed, ref, atol=5e-5, rtol=0)
 
 
+def growth(options, n1=40, n2=70) -> float:
+    """Cache bytes each token adds from ``n1`` to ``n2`` tokens fed one at a time (8 query, 4 KV heads
+    of 16, float32); a decoding model gets a 10-token prompt."""
+    model = patch_model(tiny_model("llama", num_key_value_heads=4, num_attention_heads=8, head_dim=16),
+                        backend="sdpa", **options)
+    prompt = {"prompt_lengths": 10} if "decode" in options else {}
+    _, cache = stepwise(model, ids_for(n1, seed=1), cache=make_cache(model, **prompt))
+    small = cache.nbytes()
+    _, cache = stepwise(model, ids_for(n2, seed=1), cache=make_cache(model, **prompt))
+    return (cache.nbytes() - small) / (n2 - n1)
+
+
 def test_cache_bytes_grow_only_for_full_heads():
     """Past the window, each new token adds exactly the full heads' share of what a dense cache
     adds (keys, values and the real-token flag of each full part); the windowed heads stay."""
-    def growth(options, n1=40, n2=70):
-        model = patch_model(tiny_model("llama", num_key_value_heads=4, num_attention_heads=8,
-                                       head_dim=16), backend="sdpa", **options)
-        _, cache = stepwise(model, ids_for(n1, seed=1))
-        small = cache.nbytes()
-        _, cache = stepwise(model, ids_for(n2, seed=1))
-        return (cache.nbytes() - small) / (n2 - n1)
     one_full = growth(dict(window=[[6, None, 6, 6], [6, 6, 6, 6]], sinks=2))
     dense = growth(dict(window=[None, None], sinks=2))
     windowed = growth(dict(window=6, sinks=2))
@@ -355,14 +360,6 @@ def test_generate_with_decode_heads_equals_greedy_over_the_reference():
 
 
 def test_decode_heads_cache_bytes_grow_only_for_those_heads():
-    def growth(options, n1=40, n2=70):
-        model = patch_model(tiny_model("llama", num_key_value_heads=4, num_attention_heads=8, head_dim=16),
-                            backend="sdpa", **options)
-        prompt = {"prompt_lengths": 10} if "decode" in options else {}
-        _, cache = stepwise(model, ids_for(n1, seed=1), cache=make_cache(model, **prompt))
-        small = cache.nbytes()
-        _, cache = stepwise(model, ids_for(n2, seed=1), cache=make_cache(model, **prompt))
-        return (cache.nbytes() - small) / (n2 - n1)
     assert growth(dict(window=6, sinks=2, decode=[[2], []])) == 2 * 16 * 4 + 1      # one head's k, v + the flag
     assert growth(dict(window=6, sinks=2, positions="original")) == 0
 
