@@ -72,6 +72,8 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
     # (not run in full yet: the estimate is the study's own, from its per-token rates)
     "frontier": (["benchmarks/long_range_study.py", "--rows", FRONTIER_ROWS, "--sink-sweep", "",
                   "--ruler-lengths", "1024,2048,4096", "--ruler-limit", "30", "--out", f"{R}/frontier_smollm2"], 240),
+    # issue 29's Gemma target: every layer windowed + a calibrated plan against the model as loaded, 16k tokens
+    "gemma3_calibrated": (["benchmarks/gemma3_calibrated.py", "--no-progress"], 12),
     "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 39),   # 5 paired rounds
     "vllm_roundtrip": (["benchmarks/vllm_roundtrip.py"], 10),   # not timed: log-probabilities served by vLLM
 }

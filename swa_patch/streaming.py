@@ -6,6 +6,8 @@ Modes, switched on the same model with ``patch_model`` / ``unpatch_model``:
 * ``window``    — sliding window only, no sinks, with the *same KV budget* as ``sinks``
                   (``window + sinks`` recent tokens);
 * ``sinks``     — ``sinks`` attention-sink tokens + ``window`` recent tokens;
+* ``plan``      — a saved calibration :class:`~swa_patch.calibration.Plan`: its chosen KV heads
+                  full (their caches grow), every other head ``plan.window`` + ``plan.sinks``;
 * ``recompute`` — the window (last ``window + sinks`` tokens) re-encoded from scratch by the
                   plain model for every token: the baseline StreamingLLM's speed-up is
                   measured against.  Always token by token.
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("swa_patch")
 
-MODES = ("dense", "window", "sinks", "recompute")
+MODES = ("dense", "window", "sinks", "plan", "recompute")
 
 
 @dataclass
@@ -82,11 +84,13 @@ def checkpoints(n_tokens: int, every: int) -> list[int]:
 
 def stream_perplexity(model, input_ids, mode: str, window: int, sinks: int = 4, chunk: int = 1,
                       every: int = 256, positions: str | None = None, backend: str = "auto",
-                      progress: bool = True, all_layers: bool = False) -> list[Row]:
+                      progress: bool = True, all_layers: bool = False, plan=None) -> list[Row]:
     """Stream ``input_ids`` (``[T]`` or ``[1, T]``) through ``model`` in ``mode`` and return
     one :class:`Row` per checkpoint (every ``every`` tokens and at the end).  ``all_layers``
     windows every layer, also those a hybrid model (Gemma 2/3) declares global, which a single
-    ``window`` leaves full.  ``model`` is left unpatched afterwards."""
+    ``window`` leaves full.  ``plan`` (a :class:`~swa_patch.calibration.Plan` or the path of a saved
+    one) is what ``mode="plan"`` runs; its own window and sinks apply.  ``model`` is left unpatched
+    afterwards."""
     from tqdm.auto import tqdm
 
     from .patch import patch_model, unpatch_model
@@ -99,6 +103,12 @@ def stream_perplexity(model, input_ids, mode: str, window: int, sinks: int = 4, 
     _check("every", every, 1)
     if mode == "sinks" and sinks == 0:
         raise ValueError("mode='sinks' needs sinks >= 1 (use mode='window' for no sinks)")
+    if (mode == "plan") != (plan is not None):
+        raise ValueError("mode='plan' needs plan= (a calibration Plan or its JSON path), and plan= needs "
+                         f"mode='plan'; got mode={mode!r}, plan={plan!r}")
+    if plan is not None and not hasattr(plan, "patch_options"):
+        from .calibration import Plan
+        plan = Plan.load(plan)
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 2:
         if ids.shape[0] != 1:
@@ -117,6 +127,8 @@ def stream_perplexity(model, input_ids, mode: str, window: int, sinks: int = 4, 
         patch_model(model, window=layers(window + sinks), sinks=0, positions=positions or "shift", backend=backend)
     elif mode == "sinks":
         patch_model(model, window=layers(window), sinks=sinks, positions=positions, backend=backend)
+    elif mode == "plan":
+        patch_model(model, **plan.patch_options(), positions=positions, backend=backend)
     rows, nll_sum, seconds = [], 0.0, 0.0
     bar = tqdm(total=n, desc=f"{mode:>9}", unit="tok", disable=not progress, leave=False)
     try:
@@ -177,7 +189,8 @@ def _recompute_steps(model, ids, context: int):
 
 def compare(model, input_ids, modes=("dense", "window", "sinks"), window: int = 1020, sinks: int = 4,
             chunk: int = 1, every: int = 256, positions: str | None = None, backend: str = "auto",
-            max_tokens: dict | None = None, progress: bool = True, all_layers: bool = False) -> list[Row]:
+            max_tokens: dict | None = None, progress: bool = True, all_layers: bool = False,
+            plan=None) -> list[Row]:
     """Run each mode on the same tokens, one after the other; ``max_tokens`` caps a mode
     (e.g. ``{"recompute": 512}``: it costs a full forward of the window per token)."""
     modes = parse_modes(modes)
@@ -186,7 +199,8 @@ def compare(model, input_ids, modes=("dense", "window", "sinks"), window: int = 
         cap = (max_tokens or {}).get(mode)
         ids = input_ids if cap is None else torch.as_tensor(input_ids).reshape(-1)[:cap]
         rows += stream_perplexity(model, ids, mode, window, sinks, chunk=chunk, every=every,
-                                  positions=positions, backend=backend, progress=progress, all_layers=all_layers)
+                                  positions=positions, backend=backend, progress=progress, all_layers=all_layers,
+                                  plan=plan if mode == "plan" else None)
     return rows
 
 
@@ -267,6 +281,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--every", type=int, default=None, help="checkpoint interval (default: tokens/16)")
     p.add_argument("--max-tokens", action="append", default=[], metavar="MODE=N",
                    help="cap one mode's tokens, e.g. recompute=512 (repeatable)")
+    p.add_argument("--plan", default=None, help="a calibration plan (JSON, from swa-patch calibrate) for mode 'plan'")
     p.add_argument("--positions", choices=("original", "shift"), default=None,
                    help="position mode for window/sinks (default: the library's)")
     p.add_argument("--all-layers", action="store_true",
@@ -297,6 +312,8 @@ def run_cli(args) -> int:
     from .models import load_model, load_text
 
     modes = parse_modes(args.compare)
+    if ("plan" in modes) != (args.plan is not None):
+        raise ValueError("--compare with mode 'plan' needs --plan PATH, and --plan needs 'plan' in --compare")
     caps = _parse_caps(args.max_tokens)
     if args.tokens is not None:
         _check("--tokens", args.tokens, 2)
@@ -317,7 +334,7 @@ def run_cli(args) -> int:
           f"modes {','.join(modes)}")
     rows = compare(model, ids, modes, window=args.window, sinks=args.sinks, chunk=args.chunk,
                    every=every, positions=args.positions, backend=args.backend, max_tokens=caps,
-                   progress=not args.no_progress, all_layers=args.all_layers)
+                   progress=not args.no_progress, all_layers=args.all_layers, plan=args.plan)
     print(format_table(rows))
     csv_path = args.csv or (os.path.splitext(args.plot)[0] + ".csv" if args.plot else "stream.csv")
     write_csv(rows, csv_path)

@@ -101,36 +101,89 @@ def test_cli_writes_a_plan(tmp_path, monkeypatch, capsys):
     plan = Plan.load(tmp_path / "p.json")
     assert len(plan.full_heads) == 1 and plan.calibration["source"] == "embedded text"
     assert "1 of 4 KV heads full" in capsys.readouterr().out
+    assert main(["calibrate", "--window", "16", "--budget", "0.3", "--length", "400", "--method", "nll", "--target",
+                 "text", "--skip", "20", "--trials", "1", "--out", str(tmp_path / "q.json")]) == 0
+    plan = Plan.load(tmp_path / "q.json")
+    assert plan.method == "nll/text" and plan.calibration["tokens"] == 177 and plan.calibration["length"] == 400
+    assert plan.kv_share(400) <= 0.3 and plan.calibration["source"] == "embedded text, from token 20"
+    with pytest.raises(ValueError, match="--skip must be >= 0"):
+        main(["calibrate", "--window", "16", "--skip", "-1", "--out", str(tmp_path / "r.json")])
 
 
-def test_nll_scores_equal_the_reference_masks():
-    """Each unit's NLL gain, against the unpatched model run under explicit per-head reference masks."""
+def streamed_nll(model, windows, sinks, tokens) -> float:
+    """NLL of the second half of ``tokens``, fed token by token through the patched model's cache."""
+    from swa_patch import make_cache, unpatch_model
+    patch_model(model, window=windows, sinks=sinks)
+    try:
+        cache, half = make_cache(model), tokens.numel() // 2
+        with torch.no_grad():
+            logits = torch.cat([model(tokens[None, i:i + 1], cache=cache, use_cache=True).logits[0]
+                                for i in range(tokens.numel() - 1)])
+        return torch.nn.functional.cross_entropy(logits[half - 1:], tokens[half:]).item()
+    finally:
+        unpatch_model(model)
+
+
+@pytest.mark.parametrize("target", ["copy", "text"])
+def test_nll_scores_equal_token_by_token_streaming(target):
+    """Each unit's NLL gain, against the model streamed token by token through its rolling cache with
+    that unit alone full (what the plan will run, StreamingLLM positions included)."""
     from swa_patch.calibration import copy_segments, nll_scores
-    from swa_patch.masks import LayerSpec
-    from tests.models import reference_logits
 
     model = tiny_model("llama")
     ids = torch.randint(3, 90, (200,), generator=torch.Generator().manual_seed(2))
     window, sinks, span = 12, 1, 6
-    got = nll_scores(model, ids, window, sinks, span, trials=2, seed=3)
-    segments = copy_segments(ids, window + span, 2, 3)
+    got = nll_scores(model, ids, window, sinks, span, trials=2, seed=3, target=target)
+    segments = copy_segments(ids, window + span, 2, 3, repeat=target == "copy")
+    assert all(s.numel() == 2 * (window + span) for s in segments)
+    assert (target == "copy") == all(torch.equal(s[:window + span], s[window + span:]) for s in segments)
 
-    def nll(specs):
-        total = 0.0
-        for copies in segments:
-            logits = reference_logits(model, specs, copies[None])[0, window + span - 1:-1]
-            total += torch.nn.functional.cross_entropy(logits, copies[window + span:]).item()
-        return total / len(segments)
-    base = nll([LayerSpec(window, 1, sinks)] * 2)
+    def nll(windows):
+        return sum(streamed_nll(model, windows, sinks, s) for s in segments) / len(segments)
+    base = nll([[window] * 2] * 2)
     for layer in range(2):
         for head in range(2):
-            specs = [LayerSpec(window, 1, sinks)] * 2
-            specs[layer] = LayerSpec(tuple(None if h == head else window for h in range(2)), 1, sinks)
-            assert got[layer, head].item() == pytest.approx(base - nll(specs), abs=1e-4)
+            windows = [[window] * 2, [window] * 2]
+            windows[layer] = [None if h == head else window for h in range(2)]
+            assert got[layer, head].item() == pytest.approx(base - nll(windows), abs=1e-5)
     assert got.abs().max() > 1e-3                       # the units differ: a check that can fail
-    layers = nll_scores(model, ids, window, sinks, span, trials=2, seed=3, unit="layer")
-    whole = base - nll([LayerSpec(None), LayerSpec(window, 1, sinks)])
-    assert layers[0].tolist() == pytest.approx([whole] * 2, abs=1e-4)
+    layers = nll_scores(model, ids, window, sinks, span, trials=2, seed=3, unit="layer", target=target)
+    assert layers[0].tolist() == pytest.approx([base - nll([[None, None], [window] * 2])] * 2, abs=1e-5)
+
+
+def test_trained_windowed_layers_are_never_opened():
+    """Gemma 3's local layers (trained with a window) score NaN and stay windowed; only global layers open."""
+    kinds = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    model = tiny_model("gemma3_text", num_hidden_layers=4, layer_types=kinds, num_key_value_heads=1)
+    ids = torch.randint(3, 90, (200,), generator=torch.Generator().manual_seed(2))
+    for method in ("retrieval", "nll"):
+        plan = calibrate(model, ids, window=12, sinks=1, budget=1, method=method, span=6, trials=1)
+        assert len(plan.full_heads) == 1 and plan.full_heads[0][0] in (1, 3)
+        assert [row[0] is None for row in plan.scores] == [True, False, True, False]
+    with pytest.raises(ValueError, match=r"budget asks for 4 full heads, but only 2 may be opened: layers \[0, 2\]"):
+        calibrate(model, ids, window=12, sinks=1, budget=1.0, method="nll", span=6, trials=1)
+
+
+def test_kv_budget_at_a_length_fills_full_heads_then_widens_one(monkeypatch, tmp_path):
+    model = tiny_model("llama", num_hidden_layers=3)              # 6 KV heads
+    fixed = torch.tensor([[0.1, 0.9], [0.3, 0.0], [0.5, 0.4]])
+    monkeypatch.setattr(calibration, "nll_scores", lambda *a, **k: fixed)
+    ids = torch.arange(100)
+    # 6 heads x 1000 tokens; each keeps 8 + 2 = 10 (60); budget 0.4 -> 2400: two full (+1980) leave 360
+    plan = calibrate(model, ids, window=8, sinks=2, budget=0.4, method="nll", length=1000)
+    assert plan.full_heads == [(0, 1), (2, 0)] and plan.wide_heads == [(2, 1, 8 + 360)]
+    assert plan.windows() == [[8, None], [8, 8], [None, 368]]
+    assert plan.kv_share(1000) == pytest.approx(0.4)
+    plan.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json") == plan
+    with pytest.raises(ValueError, match=r"decode=True\) needs a plan of full heads only"):
+        plan.patch_options(decode=True)
+    with pytest.raises(ValueError, match="length= makes budget a share"):
+        calibrate(model, ids, window=8, budget=2, method="nll", length=1000)
+    with pytest.raises(ValueError, match="length must be >= 11"):
+        calibrate(model, ids, window=8, sinks=2, budget=0.4, method="nll", length=10)
+    with pytest.raises(ValueError, match="target must be 'copy', or 'text' with method='nll'"):
+        calibrate(model, ids, window=8, target="text")
 
 
 def test_layer_unit_keeps_whole_layers(monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from swa_patch import Plan
 from swa_patch.cli import main
 from swa_patch.streaming import (MODES, compare, format_table, parse_modes, plot,
                                  stream_perplexity, write_csv)
@@ -34,11 +35,16 @@ def ppl_of(rows):
     return rows[-1].ppl
 
 
+# layer 0: KV head 1 full; layer 1: KV head 0 at a wider window (what calibrate(length=...) writes)
+PLAN = Plan(W, S, [(0, 1)], [[0.0, 1.0], [0.5, 0.0]], 0.3, method="test", wide_heads=[(1, 0, W + 5)])
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("chunk", [7, 64])
 def test_chunked_equals_token_by_token(model, ids, mode, chunk):
-    one = stream_perplexity(model, ids, mode, W, S, chunk=1, every=40, progress=False)
-    many = stream_perplexity(model, ids, mode, W, S, chunk=chunk, every=40, progress=False)
+    plan = {"plan": PLAN} if mode == "plan" else {}
+    one = stream_perplexity(model, ids, mode, W, S, chunk=1, every=40, progress=False, **plan)
+    many = stream_perplexity(model, ids, mode, W, S, chunk=chunk, every=40, progress=False, **plan)
     assert [r.tokens for r in one] == [r.tokens for r in many] == [40, 80, 120, 150]
     for a, b in zip(one, many):
         assert b.ppl == pytest.approx(a.ppl, rel=1e-4)
@@ -94,6 +100,35 @@ def test_all_layers_windows_the_global_layers_of_a_hybrid_model(ids):
     assert ppl_of(every) == pytest.approx(ppl_of(one), rel=1e-4)
 
 
+def test_plan_mode_streams_the_plan(model, ids, tmp_path):
+    """mode='plan' is the model patched with the plan's per-head windows, fed token by token through
+    its cache (an independent loop); only the full head's keys grow; a saved plan's path runs alike."""
+    from swa_patch import make_cache, patch_model, unpatch_model
+    rows = stream_perplexity(model, ids, "plan", W, S, chunk=16, every=50, plan=PLAN, progress=False)
+    patch_model(model, **PLAN.patch_options())
+    try:
+        cache = make_cache(model)
+        with torch.no_grad():
+            logits = torch.cat([model(ids[None, i:i + 1], cache=cache, use_cache=True).logits[0] for i in range(N)])
+    finally:
+        unpatch_model(model)
+    nll = F.cross_entropy(logits[:-1], ids[1:], reduction="none")
+    assert [r.ppl for r in rows] == pytest.approx([math.exp(nll[:min(t, N - 1)].mean().item()) for t in (50, 100, 150)],
+                                                  rel=1e-4)
+    sinks = stream_perplexity(model, ids, "sinks", W, S, chunk=16, every=50, progress=False)
+    grow = [b.kv_bytes - a.kv_bytes for a, b in zip(rows, rows[1:])]
+    assert grow[0] == grow[1] > 0 and len({r.kv_bytes for r in sinks}) == 1     # one head's 50 keys per step
+    assert ppl_of(rows) != pytest.approx(ppl_of(sinks), rel=1e-6)
+    PLAN.save(tmp_path / "plan.json")
+    by_path = stream_perplexity(model, ids, "plan", W, S, chunk=16, every=50, plan=str(tmp_path / "plan.json"),
+                                progress=False)
+    assert [r.ppl for r in by_path] == [r.ppl for r in rows]
+    with pytest.raises(ValueError, match="mode='plan' needs plan="):
+        stream_perplexity(model, ids, "plan", W, S, progress=False)
+    with pytest.raises(ValueError, match="plan= needs mode='plan'"):
+        stream_perplexity(model, ids, "sinks", W, S, plan=PLAN, progress=False)
+
+
 def test_model_left_unpatched(model, ids):
     before = model.config._attn_implementation
     stream_perplexity(model, ids[:30], "sinks", 8, 2, chunk=4, every=30, progress=False)
@@ -102,8 +137,8 @@ def test_model_left_unpatched(model, ids):
 
 
 def test_csv_and_png_written(model, ids, tmp_path):
-    rows = compare(model, ids, "dense,window,sinks,recompute", W, S, chunk=16, every=50,
-                   max_tokens={"recompute": 100}, progress=False)
+    rows = compare(model, ids, "dense,window,sinks,plan,recompute", W, S, chunk=16, every=50,
+                   max_tokens={"recompute": 100}, progress=False, plan=PLAN)
     assert [r.tokens for r in rows if r.mode == "recompute"] == [50, 100]
     write_csv(rows, tmp_path / "s.csv")
     plot(rows, tmp_path / "s.png")
@@ -177,6 +212,7 @@ def test_cli_runs_on_local_model(tiny_folder, tmp_path, capsys):
     (["--max-tokens", "recompute"], "max-tokens"),
     (["--tokens", "100000"], "tokens"),
     (["--text", "/nonexistent/book.txt"], "text"),
+    (["--compare", "dense,plan"], "needs --plan PATH"),
 ])
 def test_cli_bad_arguments(tiny_folder, argv, match):
     base = ["stream", "--model", str(tiny_folder), "--text", str(tiny_folder / "book.txt"),
