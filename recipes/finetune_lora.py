@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import load_texts, pack  # noqa: E402
+from long_range_data import TASKS as LONG_RANGE_TASKS  # noqa: E402
+from long_range_data import long_range_examples  # noqa: E402
 from lora_targets import embedding_and_norm_modules, lora_targets  # noqa: E402
 from tracking import JSONLTracker  # noqa: E402
 
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sinks", type=int, default=0, help="attention-sink tokens")
     g.add_argument("--dilation", type=int, default=1)
     g.add_argument("--attn-backend", default="auto", help="swa_patch backend (auto picks per call)")
+    g.add_argument("--plan", help="a calibration plan (swa-patch calibrate, JSON): its per-KV-head windows and "
+                   "sinks are trained (its window must equal --window)")
+    g.add_argument("--decode", choices=["window", "full", "plan"], default="window",
+                   help="full: every layer's answers attend every key; plan: only the plan's heads do (prompt "
+                        "boundaries from the long-range data)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="local text / JSON-lines file or folder, or a datasets Hub name")
     g.add_argument("--dataset-config", help="Hub dataset configuration name")
@@ -58,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "--eval-fraction of the packed blocks")
     g.add_argument("--eval-fraction", type=float, default=0.05)
     g.add_argument("--seq-len", type=int, default=4096, help="tokens per packed training sequence")
+    g.add_argument("--long-range-tasks", help=f"train on tasks whose answer lies past the window, from "
+                   f"{','.join(LONG_RANGE_TASKS)} (comma-separated; labels on the answers), built from the "
+                   "training text and mixed with its running text")
+    g.add_argument("--long-range-distances", help="comma-separated token distances from fact to answer "
+                   "(default: 2W,4W, capped to fit --seq-len)")
+    g.add_argument("--long-range-examples", type=int, default=512, help="training examples built")
+    g.add_argument("--long-range-mix", type=float, default=0.5, help="share of them that are running text")
+    g.add_argument("--long-range-span", type=int, default=32, help="tokens of a copied passage")
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False,
                    help="documents packed into a block attend only themselves: position_ids restart after "
                         "each EOS (the patched attention runs each document alone) and no token is "
@@ -126,6 +141,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
     if not args.temperature > 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.decode == "plan" and not args.plan:
+        parser.error("--decode plan needs --plan PATH")
+    if args.decode != "window" and not args.long_range_tasks:
+        parser.error(f"--decode {args.decode} trains answers that attend every key: it needs --long-range-tasks "
+                     "(their prompt boundaries)")
+    if args.long_range_tasks:
+        tasks = args.long_range_tasks.split(",")
+        if any(t not in LONG_RANGE_TASKS for t in tasks):
+            parser.error(f"--long-range-tasks must be comma-separated from {','.join(LONG_RANGE_TASKS)}, "
+                         f"got {args.long_range_tasks!r}")
+        if not 0 <= args.long_range_mix < 1 or args.long_range_examples < 1:
+            parser.error(f"--long-range-mix must be in [0, 1) and --long-range-examples >= 1, got "
+                         f"{args.long_range_mix}, {args.long_range_examples}")
+        if args.packing:
+            parser.error("--packing and --long-range-tasks: the long-range examples are single documents")
     return args
 
 
@@ -164,8 +194,7 @@ def load_model(args, accelerator):
         logger.warning("setting attention_dropout %s -> 0.0 (swa_patch attention has no dropout)",
                        text_config.attention_dropout)
         text_config.attention_dropout = 0.0
-    swa_patch.patch_model(model, window=args.window, sinks=args.sinks, dilation=args.dilation,
-                          backend=args.attn_backend)
+    swa_patch.patch_model(model, **window_options(args), dilation=args.dilation, backend=args.attn_backend)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -186,7 +215,30 @@ def load_model(args, accelerator):
     return tokenizer, model, load_kwargs
 
 
+def window_options(args) -> dict:
+    """``patch_model``'s window, sinks and decode for --window/--sinks, --plan and --decode."""
+    import swa_patch
+    if not args.plan:
+        return {"window": args.window, "sinks": args.sinks, **({"decode": "full"} if args.decode == "full" else {})}
+    plan = swa_patch.Plan.load(args.plan)
+    if plan.window != args.window:
+        raise SystemExit(f"--plan {args.plan!r} was calibrated for window {plan.window}, not --window {args.window}")
+    options = plan.patch_options(decode=args.decode == "plan")
+    return {**options, **({"decode": "full"} if args.decode == "full" else {})}
+
+
 # ---- data -------------------------------------------------------------------------------
+def long_range_data(args, tokenizer, blocks):
+    """The long-range examples (recipes/long_range_data.py) built from the training ``blocks``' tokens only."""
+    ids = [t for block in blocks["input_ids"] for t in block]
+    distances = ([int(d) for d in args.long_range_distances.split(",")] if args.long_range_distances
+                 else [d for d in (2 * args.window, 4 * args.window) if d <= args.seq_len - 2 * args.long_range_span]
+                 or [args.seq_len - 2 * args.long_range_span])
+    return long_range_examples(tokenizer, ids, args.seq_len, distances, args.long_range_tasks.split(","),
+                               n=args.long_range_examples, mix_text=args.long_range_mix, span=args.long_range_span,
+                               seed=args.seed).remove_columns(["task", "distance"])
+
+
 def build_data(args, tokenizer, accelerator):
     with accelerator.main_process_first():
         blocks = pack(load_texts(args.dataset, args.dataset_config, args.dataset_split, args.text_field),
@@ -199,6 +251,11 @@ def build_data(args, tokenizer, accelerator):
             n_eval = math.ceil(len(blocks) * args.eval_fraction) if args.eval_fraction else 0
             train = blocks.select(range(len(blocks) - n_eval))
             held = blocks.select(range(len(blocks) - n_eval, len(blocks)))
+        if len(train) and args.long_range_tasks:
+            try:
+                train = long_range_data(args, tokenizer, train)
+            except ValueError as e:
+                raise SystemExit(f"--long-range-*: {e}") from None
     if len(train) == 0:
         raise SystemExit(f"--dataset {args.dataset!r} packs into {len(blocks)} block(s) of --seq-len "
                          f"{args.seq_len} tokens, none left for training: lower --seq-len or add text")
@@ -206,9 +263,15 @@ def build_data(args, tokenizer, accelerator):
 
 
 def collate(rows, eos=None):
-    """A batch of blocks; with ``eos`` (``--packing``) also their ``position_ids``."""
-    ids = torch.stack([r["input_ids"] for r in rows])
-    return {"input_ids": ids} if eos is None else {"input_ids": ids, "position_ids": document_positions(ids, eos)}
+    """A batch of blocks; with ``eos`` (``--packing``) also their ``position_ids``; long-range
+    examples bring their ``labels`` and ``prompt_lengths``."""
+    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows])}
+    if eos is not None:
+        batch["position_ids"] = document_positions(batch["input_ids"], eos)
+    if "labels" in rows[0]:
+        batch["labels"] = torch.stack([r["labels"] for r in rows])
+        batch["prompt_lengths"] = torch.stack([r["prompt_length"] for r in rows])
+    return batch
 
 
 def document_positions(ids, eos: int):
@@ -225,9 +288,13 @@ def targets(ids, positions=None):
 
 
 # ---- loss -------------------------------------------------------------------------------
-def lm_loss(model, ids, positions=None):
-    """Next-token cross-entropy, the model's own loss (``positions``: packed documents)."""
-    return model(input_ids=ids, position_ids=positions, labels=targets(ids, positions)).loss
+def lm_loss(model, ids, positions=None, labels=None, prompt_lengths=None):
+    """Next-token cross-entropy, the model's own loss (``positions``: packed documents; ``labels``:
+    the answers of long-range examples; ``prompt_lengths``: their boundaries, for a model that
+    decodes fully)."""
+    extra = {"prompt_lengths": prompt_lengths} if prompt_lengths is not None else {}
+    return model(input_ids=ids, position_ids=positions, labels=targets(ids, positions) if labels is None else labels,
+                 **extra).loss
 
 
 def teacher_logits(teacher, ids, positions=None):
@@ -246,11 +313,15 @@ def kl_per_token(logits, target, temperature: float):
     return (log_t.exp() * (log_t - log_p)).sum(-1) * temperature ** 2
 
 
-def distill_loss(model, teacher, ids, alpha: float, temperature: float, positions=None):
-    """``alpha * KL(teacher || student) + (1 - alpha) * CE`` (token means), and both parts."""
+def distill_loss(model, teacher, ids, alpha: float, temperature: float, positions=None, labels=None,
+                 prompt_lengths=None):
+    """``alpha * KL(teacher || student) + (1 - alpha) * CE`` (token means), and both parts; the CE
+    on ``labels`` where given (the KL on every token)."""
     target = teacher_logits(teacher, ids, positions)
-    logits = model(input_ids=ids, position_ids=positions).logits[:, :-1].float()
-    ce = F.cross_entropy(logits.transpose(1, 2), targets(ids, positions)[:, 1:], ignore_index=-100)
+    extra = {"prompt_lengths": prompt_lengths} if prompt_lengths is not None else {}
+    logits = model(input_ids=ids, position_ids=positions, **extra).logits[:, :-1].float()
+    labels = targets(ids, positions) if labels is None else labels
+    ce = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100)
     kl = kl_per_token(logits, target, temperature).mean()
     return alpha * kl + (1 - alpha) * ce, ce.detach(), kl.detach()
 
@@ -399,13 +470,15 @@ def main(argv=None):
         skip = 0
         for batch in loader:
             with accelerator.accumulate(model):
+                answers = {"labels": batch.get("labels"),
+                           "prompt_lengths": batch.get("prompt_lengths") if args.decode != "window" else None}
                 if args.distill:
                     loss, ce, kl = distill_loss(model, teacher, batch["input_ids"], args.distill_alpha,
-                                                args.temperature, batch.get("position_ids"))
+                                                args.temperature, batch.get("position_ids"), **answers)
                     parts["ce"] += ce
                     parts["kl"] += kl
                 else:
-                    loss = lm_loss(model, batch["input_ids"], batch.get("position_ids"))
+                    loss = lm_loss(model, batch["input_ids"], batch.get("position_ids"), **answers)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)

@@ -289,3 +289,52 @@ def test_packing_keeps_documents_apart(tmp_path):
     assert rows[0]["config"]["packing"] is True
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
     assert any(math.isfinite(r["eval/loss"]) for r in rows if "eval/loss" in r)
+
+
+def test_long_range_labels_are_the_answers_only():
+    """lm_loss on a long-range batch is the cross-entropy of the answer tokens alone, and a model that
+    decodes fully takes each row's prompt boundary from the batch."""
+    from finetune_lora import collate, lm_loss
+    from tests.models import tiny_model
+
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[0, 30:], labels[1, 25:] = ids[0, 30:], ids[1, 25:]
+    batch = collate([{"input_ids": ids[i], "labels": labels[i], "prompt_length": torch.tensor(p)}
+                     for i, p in enumerate((28, 20))])
+    assert batch["prompt_lengths"].tolist() == [28, 20] and torch.equal(batch["labels"], labels)
+    for decode in ("window", "full"):
+        model = swa_patch.patch_model(tiny_model("llama"), window=8, sinks=2, decode=decode)
+        extra = {"prompt_lengths": batch["prompt_lengths"]} if decode == "full" else {}
+        with torch.no_grad():
+            got = lm_loss(model, batch["input_ids"], labels=batch["labels"], **extra)
+            logits = model(ids, **extra).logits[:, :-1]
+        want = torch.cat([torch.nn.functional.cross_entropy(logits[0, 29:], ids[0, 30:], reduction="none"),
+                          torch.nn.functional.cross_entropy(logits[1, 24:], ids[1, 25:], reduction="none")]).mean()
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(got, lm_loss(model, ids, **extra))           # not the all-token loss
+
+
+def test_long_range_run_trains_the_plan_and_reloads_it(tmp_path):
+    """--long-range-tasks with --plan and --decode plan: the run trains on the answers, logs, and the
+    adapter reloads with the plan's per-head windows and full-decode heads."""
+    from swa_patch.patch import layer_specs
+
+    _tiny_checkpoint(tmp_path / "base")
+    (tmp_path / "train.txt").write_text(_text())
+    swa_patch.Plan(16, 2, [(1, 0)], [[0.1, 0.0], [0.9, 0.2]], 1).save(tmp_path / "plan.json")
+    out = tmp_path / "out"
+    _launch(["--config", str(RECIPES / "configs" / "tiny_test.yaml"), "--model", str(tmp_path / "base"),
+             "--dataset", str(tmp_path / "train.txt"), "--eval-fraction", "0.1", "--seq-len", "160",
+             "--long-range-tasks", "copy,passkey", "--long-range-distances", "64", "--long-range-examples", "8",
+             "--long-range-span", "16", "--plan", str(tmp_path / "plan.json"), "--decode", "plan",
+             "--max-steps", "2", "--eval-every", "0", "--save-every", "0", "--output", str(out)], tmp_path,
+            processes=1)
+    rows = _metrics(out)
+    assert rows[0]["config"]["long_range_tasks"] == "copy,passkey"
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    specs = layer_specs(swa_patch.from_pretrained(out))
+    assert specs[0].kv_windows is None and specs[0].window == 16 and specs[1].kv_decode_full == (True, False)
+    _launch(["--config", str(RECIPES / "configs" / "tiny_test.yaml"), "--model", str(tmp_path / "base"),
+             "--dataset", str(tmp_path / "train.txt"), "--decode", "full", "--output", str(tmp_path / "bad")],
+            tmp_path, processes=1, ok=False)
