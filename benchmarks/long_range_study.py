@@ -25,13 +25,19 @@ unpatched model, the ``dense`` row, already windows 15 of its 18 layers at 512.
    the time); the min-max spread shows how much the machine moved.  Speed-ups are medians
    against the unpatched model's median.
 2. Splits ``pydoc_data.topics`` by topic into training text and held-out text.
-3. Trains the LoRA adapters the rows ask for (``@ce``, ``@distill``) in this run, at this commit,
+3. Trains the LoRA adapters the rows ask for (``@ce``, ``@distill``, ``@lr``) in this run, at this commit,
    on the windowed model (``--train-config``) with ``recipes/finetune_lora.py`` through
    ``accelerate launch``, on the same steps, data and seed: plain cross-entropy, and
    self-distillation (``--distill``: teacher = the same weights, adapter off, window off).
    Gemma's default rows have no adapter (two adapters and their rows add ~2 h); ask for them with
    ``--rows ...,native+sinks@ce --train-config native+sinks`` (the recipe's ``--window`` keeps
    Gemma's global layers full, so its training configuration must say ``native``).
+   ``--train-as-row`` trains each row's own configuration instead (its sinks, calibrated plan and
+   decode: the recipe's ``--plan``/``--decode``), one adapter per (kind, row); ``@lr`` (issue 30)
+   trains on long-range tasks built from the training text (``--lr-tasks`` at ``--lr-distances``,
+   answers only, mixed ``--lr-mix`` with running text), and ``@ce`` on the same row at the same
+   steps and sequence length is its running-text control, e.g.
+   ``--train-as-row --seq-len 2176 --rows sinks@ce,sinks@lr,heads:0.25+sinks@ce,heads:0.25+sinks@lr``.
 4. For every row (``--rows``: a configuration of ``swa_patch.retrieval.config_options``, e.g.
    ``sinks:16+decode-full``; ``window`` windows every layer, ``native`` keeps the model's own
    global layers full), plus the keep-first-k sweep (``--sink-sweep``: ``sinks:k+decode-full``
@@ -86,6 +92,7 @@ import torch  # noqa: E402
 
 from common import RESULTS, provenance  # noqa: E402
 
+ADAPTERS = ("ce", "distill", "lr")   # running-text CE, self-distillation, long-range tasks + running text
 PROMPT_END = " [prompt end]"      # passkey of decode-full rows with the boundary at the prompt end
 DEPTHS = "0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95"
 SMOLLM2_ROWS = ("dense,window,sinks,sinks+full-layers:4,sinks+decode-full,sinks@ce,sinks@distill,"
@@ -114,7 +121,7 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
     p.add_argument("--window", type=int, default=None, help="default: 256 (SmolLM2), 512 (Gemma)")
     p.add_argument("--sinks", type=int, default=4, help="sinks of rows that say 'sinks' without ':N'")
-    p.add_argument("--rows", default=None, help="comma-separated CONFIG[@ce|@distill] (default: per model)")
+    p.add_argument("--rows", default=None, help="comma-separated CONFIG[@ce|@distill|@lr] (default: per model)")
     p.add_argument("--sink-sweep", default=None,
                    help="keep-first-k sweep: rows sinks:k+decode-full and sinks:k+full-layers:4 for these k "
                         "(default 4,16,64,128; --quick 4,16; '' for none)")
@@ -150,6 +157,14 @@ def parse_args(argv=None):
     p.add_argument("--train-config", default=None,
                    help="the configuration LoRA trains on: window, native, sinks[:N] parts only "
                         "(default: sinks; Gemma: native+sinks)")
+    p.add_argument("--train-as-row", action="store_true",
+                   help="every adapter trains its own row's configuration (window, sinks, calibrated plan, "
+                        "decode) instead of --train-config; needed by @lr")
+    p.add_argument("--lr-tasks", default="copy,passkey,multikey,variable",
+                   help="@lr adapters: long-range tasks (recipes/long_range_data.py)")
+    p.add_argument("--lr-distances", default=None, help="@lr: fact-to-answer distances (default 2W,4W,8W that fit "
+                   "--seq-len)")
+    p.add_argument("--lr-mix", type=float, default=0.5, help="@lr: share of running-text examples")
     p.add_argument("--heldout-fraction", type=float, default=0.2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="scratch folder (default /tmp/swa_<out stem>)")
@@ -247,8 +262,10 @@ def expand_rows(args) -> list[tuple[str, str, str]]:
     out, seen = [], {}
     for label in labels:
         config, _, adapter = label.partition("@")
-        if adapter not in ("", "ce", "distill"):
-            raise SystemExit(f"--rows: adapter must be @ce or @distill, got {label!r}")
+        if adapter not in ("", *ADAPTERS):
+            raise SystemExit(f"--rows: adapter must be @ce, @distill or @lr, got {label!r}")
+        if adapter == "lr" and not args.train_as_row:
+            raise SystemExit(f"--rows {label!r}: @lr trains the row's own configuration: add --train-as-row")
         key = (json.dumps(options_of(args, config), sort_keys=True), adapter)
         if key in seen:
             print(f"row {label} is row {seen[key]}: measured once", flush=True)
@@ -270,7 +287,7 @@ def estimate_minutes(args, parsed, distances, lengths, depths) -> dict[str, floa
     copy = len(parsed) * args.trials * 2 * sum(d + (args.lead or 32) + 2 * args.span for d in distances) / 1000 * rate["probe"]
     full = sum("decode-" in c for _, c, _ in parsed)
     keys = (len(parsed) + full) * len(depths) * args.passkey_tries * sum(n / 1000 * rate["probe"] + 1 for n in lengths)
-    adapters = {a for _, _, a in parsed if a}
+    adapters = {adapter_key(args, a, c) for _, c, a in parsed if a}
     other = len(parsed) * args.ppl_blocks * args.seq_len / 1000 * rate["probe"] + (1 + len(adapters)) * rate["load"]
     train = len(adapters) * (args.steps * args.seq_len / 1024 * rate["step"] * 60 + rate["load"])
     timing, probes = args.part in ("all", "timing"), args.part in ("all", "probes")
@@ -306,24 +323,70 @@ def train_options(args) -> dict:
     return options_of(args, args.train_config)
 
 
-def train_adapter(args, kind: str, train: str, held: str) -> tuple[str, float]:
-    """One LoRA run of the recipe; both runs share everything but ``--distill``."""
+def adapter_key(args, adapter: str, config: str) -> tuple[str, str] | None:
+    """Which adapter a row runs: (kind, the configuration it trains), or None."""
+    return (adapter, config if args.train_as_row else args.train_config) if adapter else None
+
+
+def recipe_window_flags(args, config: str) -> list[str]:
+    """The recipe's --window/--sinks/--plan/--decode for a row's configuration (``--train-as-row``)."""
+    options = options_of(args, config) or {}
+    if not options:
+        raise SystemExit(f"--rows: {config!r} is the unpatched model: nothing windowed to train")
+    if "full_layers" in options or "native" in config.split("+"):
+        raise SystemExit(f"--train-as-row: the recipe cannot express {config!r} (full-layers / native parts)")
+    flags = ["--window", str(args.window), "--sinks", str(options["sinks"])]
+    plans = {calibration_of(p) for p in config.split("+")} - {None}
+    if plans:
+        flags += ["--plan", plan_path(args, plans.pop())]
+    decode = options.get("decode", "window")
+    if decode == "full":
+        flags += ["--decode", "full"]
+    elif isinstance(decode, list):          # decode-heads:S: the plan's heads decode fully
+        flags += ["--decode", "plan"]
+    return flags
+
+
+def lr_distances(args) -> list[int]:
+    if args.lr_distances:
+        return [int(d) for d in args.lr_distances.split(",")]
+    fit = [k * args.window for k in (2, 4, 8) if k * args.window <= args.seq_len - 64]
+    if not fit:
+        raise SystemExit(f"--seq-len {args.seq_len} leaves no room for an @lr distance of 2W = {2 * args.window}")
+    return fit
+
+
+def train_adapter(args, key: tuple[str, str], train: str, held: str) -> tuple[str, float]:
+    """One LoRA run of the recipe; every run shares steps, data, seed and sequence length.  ``key``:
+    (kind, configuration trained).  ``ce``: running text; ``distill``: self-distillation; ``lr``:
+    long-range tasks from the training text mixed with it.  With ``--train-as-row`` a decode-full
+    configuration's running-text control trains its (windowed) prefill: running text has no prompt."""
     from swa_patch.models import ALIASES
 
+    kind, config = key
     folder, gguf = ALIASES[args.model]()
-    options = train_options(args)
-    out = os.path.join(args.work, f"lora_{kind}")
+    if args.train_as_row:
+        window = recipe_window_flags(args, config)
+        if kind != "lr" and "--decode" in window:
+            window = window[:window.index("--decode")]
+    else:
+        window = ["--window", str(args.window), "--sinks", str(train_options(args)["sinks"])]
+    out = os.path.join(args.work, f"lora_{kind}" + (f"_{config.replace(':', '-').replace('+', '_')}"
+                                                    if args.train_as_row else ""))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(ROOT, "recipes", "accelerate", "cpu_1proc.yaml"), os.path.join(ROOT, "recipes", "finetune_lora.py"),
-           "--model", str(folder), "--gguf-file", gguf, "--dataset", train, "--eval-dataset", held,
-           "--window", str(args.window), "--sinks", str(options["sinks"]), "--seq-len", str(args.seq_len),
+           "--model", str(folder), "--gguf-file", gguf, "--dataset", train, "--eval-dataset", held, *window,
+           "--seq-len", str(args.seq_len),
            "--max-steps", str(args.steps), "--lr", str(args.lr), "--warmup-steps", str(max(1, args.steps // 10)),
            "--eval-batches", str(args.ppl_blocks), "--eval-every", "0", "--save-every", "0",
            "--train-embeddings-norms", "--no-gradient-checkpointing", "--seed", "0", "--output", out]
     if kind == "distill":
         cmd += ["--distill", "--distill-alpha", str(args.distill_alpha), "--temperature", str(args.temperature)]
+    if kind == "lr":
+        cmd += ["--long-range-tasks", args.lr_tasks, "--long-range-distances", ",".join(map(str, lr_distances(args))),
+                "--long-range-examples", str(args.steps), "--long-range-mix", str(args.lr_mix)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
-    print(f"training LoRA ({kind}) on {args.train_config}: {args.steps} steps of {args.seq_len} tokens", flush=True)
+    print(f"training LoRA ({kind}) on {config}: {args.steps} steps of {args.seq_len} tokens", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
     return out, (time.perf_counter() - start) / 60
@@ -418,7 +481,8 @@ def write_rows(path: str, summary: list[dict], args) -> None:
     meta["settings"] = json.dumps({k: getattr(args, k) for k in (
         "model", "part", "window", "sinks", "trials", "distances", "depths", "passkey_tries", "span", "lead", "resamples",
         "prefill_tokens", "prefill_rounds", "sink_sweep", "steps", "seq_len", "lr", "distill_alpha", "temperature",
-        "train_config", "ppl_blocks", "quick", "ruler_lengths", "ruler_tasks", "ruler_limit", "calibrate_trials")})
+        "train_config", "ppl_blocks", "quick", "ruler_lengths", "ruler_tasks", "ruler_limit", "calibrate_trials",
+        "train_as_row", "lr_tasks", "lr_distances", "lr_mix")})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*summary[0], *meta])
@@ -463,18 +527,18 @@ def probes_part(args, parsed, distances: list[int], lengths: list[int], depths: 
     spec, w = MODELS[args.model], args.window
     train, held = split_text(args.work, args.heldout_fraction)
     adapters, minutes = {}, {}
-    for kind in sorted({a for _, _, a in parsed if a}):
-        adapters[kind], minutes[kind] = train_adapter(args, kind, train, held)
+    for key in dict.fromkeys(adapter_key(args, a, c) for _, c, a in parsed if a):
+        adapters[key], minutes[key] = train_adapter(args, key, train, held)
 
     copies, keys, results, rulers = [], [], [], []
-    for adapter in dict.fromkeys(a for _, _, a in parsed):
-        model, tokenizer = load_variant(args.model, adapters.get(adapter))
+    for key in dict.fromkeys(adapter_key(args, a, c) for _, c, a in parsed):
+        model, tokenizer = load_variant(args.model, adapters.get(key))
         check_layers(args, model)
         ids = tokenizer(open(held).read(), return_tensors="pt").input_ids[0]
         n_blocks = ids.numel() // args.seq_len
         blocks = ids[: n_blocks * args.seq_len].view(n_blocks, args.seq_len)[: args.ppl_blocks]
-        mine = [(label, config) for label, config, a in parsed if a == adapter]
-        for label, config in tqdm(mine, desc=f"rows{' @' + adapter if adapter else ''}"):
+        mine = [(label, config, a) for label, config, a in parsed if adapter_key(args, a, config) == key]
+        for label, config, adapter in tqdm(mine, desc=f"rows{' @' + key[0] if key else ''}"):
             tqdm.write(f"== {label}")
             options = options_of(args, config)
             if options is not None:
@@ -526,7 +590,8 @@ def probes_part(args, parsed, distances: list[int], lengths: list[int], depths: 
         calibrated = [c for c in map(calibration_of, res["config"].split("+"))
                       if c in getattr(args, "calibration_minutes", {})]
         row["calibrate_minutes"] = f"{sum(args.calibration_minutes[p] for p in calibrated):.1f}" if calibrated else ""
-        row["train_minutes"] = f"{minutes[res['adapter']]:.1f}" if res["adapter"] else ""
+        key = adapter_key(args, res["adapter"], res["config"])
+        row["train_minutes"] = f"{minutes[key]:.1f}" if key else ""
         row["probe_minutes"] = f"{res['probe_minutes']:.1f}"
         summary.append(row)
     write_rows(args.out + ".csv", summary, args)

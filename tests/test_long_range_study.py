@@ -142,3 +142,41 @@ def test_calibrated_rows_use_plans_from_the_training_split(study, tmp_path, monk
     assert calls[0][calls[0].index("--work") + 1] == str(tmp_path)            # the child finds the plans
     decoding = study.options_of(args, "decode-heads:0.1+sinks")           # the heads:0.1 plan, decoding instead
     assert decoding["window"] == [256] * 30 and decoding["decode"][0] == [1] and decoding["decode"][1] == []
+
+
+def test_train_as_row_trains_each_rows_own_configuration(study, tmp_path, monkeypatch):
+    """--train-as-row: one adapter per (kind, row), each trained on the row's sinks, plan and decode;
+    @lr adds the long-range data, its @ce control the same steps and length on running text."""
+    import swa_patch.models
+    from swa_patch import Plan
+
+    rows = ("sinks@ce,sinks@lr,heads:0.25+sinks@lr,sinks+decode-full@lr,sinks+decode-full@ce,"
+            "decode-heads:0.25+sinks@lr")
+    args = study.parse_args(["--rows", rows, "--train-as-row", "--seq-len", "2176", "--work", str(tmp_path),
+                             "--sink-sweep", ""])
+    plan = study.plan_path(args, "heads:0.25")
+    Plan(256, 4, [(0, 1)], [[0.0] * 3 for _ in range(30)], 0.25).save(plan)
+    keys = list(dict.fromkeys(study.adapter_key(args, a, c) for _, c, a in study.expand_rows(args) if a))
+    assert len(keys) == 6 and keys[0] == ("ce", "sinks")
+    calls = []
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setitem(swa_patch.models.ALIASES, "smollm2-135m", lambda: ("/m", "m.gguf"))
+    cmds = {}
+    for key in keys:
+        study.train_adapter(args, key, "train.txt", "held.txt")
+        cmds[key] = calls[-1]
+    flag = lambda key, name: cmds[key][cmds[key].index(name) + 1] if name in cmds[key] else None
+    assert flag(("lr", "sinks"), "--long-range-distances") == "512,1024,2048"
+    assert flag(("lr", "sinks"), "--long-range-tasks") == "copy,passkey,multikey,variable"
+    assert flag(("ce", "sinks"), "--long-range-tasks") is None and flag(("ce", "sinks"), "--sinks") == "4"
+    assert flag(("lr", "heads:0.25+sinks"), "--plan") == plan and flag(("lr", "heads:0.25+sinks"), "--decode") is None
+    assert flag(("lr", "sinks+decode-full"), "--decode") == "full"
+    assert flag(("ce", "sinks+decode-full"), "--decode") is None            # running text: its prefill
+    assert flag(("lr", "decode-heads:0.25+sinks"), "--decode") == "plan"
+    assert flag(("lr", "decode-heads:0.25+sinks"), "--plan") == plan
+    assert {(flag(k, "--max-steps"), flag(k, "--seq-len")) for k in keys} == {("60", "2176")}
+    assert len({flag(k, "--output") for k in keys}) == 6
+    with pytest.raises(SystemExit, match="add --train-as-row"):
+        study.expand_rows(study.parse_args(["--rows", "sinks@lr"]))
+    with pytest.raises(SystemExit, match="cannot express"):
+        study.recipe_window_flags(args, "sinks+full-layers:4")
