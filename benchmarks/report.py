@@ -89,6 +89,7 @@ MEASURES = {
     "long_range_study_gemma3_prefill.csv": STUDY,
     "frontier_smollm2.csv": STUDY + ("swa_patch/calibration.py", "swa_patch/ruler.py"),
     "frontier_smollm2_prefill.csv": STUDY + ("swa_patch/calibration.py",),
+    "gemma3_calibrated.csv": CACHE + STREAM + COMMON + ("swa_patch/calibration.py", "benchmarks/gemma3_calibrated.py"),
     "gpu_check_h200.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/gpu_check.py"),
     "vllm_roundtrip.csv": ATTENTION + REAL + COMMON + ("swa_patch/export.py", "swa_patch/checkpoint.py",
                                                        "swa_patch/verify.py", "swa_patch/_vllm_driver.py",
@@ -1015,6 +1016,9 @@ SECTIONS = {
                                                            "vs_unpatched_max", "warmup_s", "max_abs_logit_diff"]),
     "long_range": long_range, "long_range_gemma3": lambda: long_range("long_range_study_gemma3.csv"),
     "frontier_smollm2": lambda: long_range("frontier_smollm2.csv"),
+    "gemma3_calibrated": csv_table("gemma3_calibrated.csv", ["row", "full_layers", "wide", "ppl", "ppl_vs_loaded",
+                                                             "kv_mib", "kv_vs_loaded", "meets_target", "calibrate_s",
+                                                             "stream_s"]),
     "serving": serving, "gemma3": gemma3, "gemma3_headline": lambda: targets(GEMMA3_HEADLINE),
 }
 BLOCK = re.compile(r"(<!-- report:(\w+) -->\n)(.*?)(<!-- /report:\2 -->)", re.S)

@@ -274,7 +274,7 @@ def calibrate(model, ids: torch.Tensor, window: int, sinks: int = 4, budget: flo
     _check_int("trials", trials, 1)
     if length is not None:
         _check_int("length", length, window + sinks + 1)
-        if not isinstance(budget, float):
+        if not isinstance(budget, float) or not 0 < budget <= 1:
             raise ValueError(f"length= makes budget a share of the full-attention KV at length tokens: give a float "
                              f"in (0, 1], got {budget!r}")
     config = model.config.get_text_config(decoder=True)

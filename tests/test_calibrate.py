@@ -178,8 +178,9 @@ def test_kv_budget_at_a_length_fills_full_heads_then_widens_one(monkeypatch, tmp
     assert Plan.load(tmp_path / "plan.json") == plan
     with pytest.raises(ValueError, match=r"decode=True\) needs a plan of full heads only"):
         plan.patch_options(decode=True)
-    with pytest.raises(ValueError, match="length= makes budget a share"):
-        calibrate(model, ids, window=8, budget=2, method="nll", length=1000)
+    for bad in (2, 1.5, 0.0):
+        with pytest.raises(ValueError, match=r"length= makes budget a share .* give a float in \(0, 1\]"):
+            calibrate(model, ids, window=8, budget=bad, method="nll", length=1000)
     with pytest.raises(ValueError, match="length must be >= 11"):
         calibrate(model, ids, window=8, sinks=2, budget=0.4, method="nll", length=10)
     with pytest.raises(ValueError, match="target must be 'copy', or 'text' with method='nll'"):
