@@ -183,7 +183,8 @@ def parse_args(argv=None):
     args.work = args.work or os.path.join("/tmp", "swa_" + spec["out"])
     if args.quick:
         args.distances = args.distances or f"{args.window // 2},{2 * args.window}"
-        args.trials, args.passkey_tries, args.steps, args.seq_len, args.ppl_blocks = 2, 1, 2, 256, 2
+        args.trials, args.passkey_tries, args.steps, args.ppl_blocks = 2, 1, 2, 2
+        args.seq_len = 2 * args.window + 128 if args.train_as_row else 256     # @lr: room for a fact 2W back
         args.depths, args.resamples = "0.25,0.75", 200
         args.sink_sweep = "4,16" if args.sink_sweep is None else args.sink_sweep
         args.passkey_lengths, args.prefill_tokens, args.prefill_rounds = str(2 * args.window), 2048, 2
