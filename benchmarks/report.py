@@ -18,6 +18,7 @@ import argparse
 import ast
 import csv
 import functools
+import json
 import math
 import os
 import re
@@ -89,6 +90,7 @@ MEASURES = {
     "long_range_study_gemma3_prefill.csv": STUDY,
     "frontier_smollm2.csv": STUDY + ("swa_patch/calibration.py", "swa_patch/ruler.py"),
     "frontier_smollm2_prefill.csv": STUDY + ("swa_patch/calibration.py",),
+    "adaptation_smollm2.csv": STUDY + ("recipes", "swa_patch/calibration.py", "swa_patch/ruler.py"),
     "gemma3_calibrated.csv": CACHE + STREAM + COMMON + ("swa_patch/calibration.py", "benchmarks/gemma3_calibrated.py"),
     "gpu_check_h200.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/gpu_check.py"),
     "vllm_roundtrip.csv": ATTENTION + REAL + COMMON + ("swa_patch/export.py", "swa_patch/checkpoint.py",
@@ -536,6 +538,31 @@ def long_range(name="long_range_study.csv"):
                f"{within}): {'**met**' if met else '**not met**'}: {text}.")
     return (f"{source(name)}\n\nPrefill: {source(_prefill_name(name))}\n\n{title}, window {data[0]['window']}:\n\n"
             + table(header, body) + verdict)
+
+
+ADAPTER_NAMES = {"": "before", "ce": "running-text LoRA (control)", "lr": "long-range LoRA", "distill": "distilled LoRA"}
+
+
+def adaptation(name="adaptation_smollm2.csv"):
+    """Issue 30's before/after table: each row's configuration untrained, after LoRA on running text
+    (the control) and after LoRA on long-range tasks, at the same steps, with intervals."""
+    data = rows(name)
+    if not data:
+        return source(name)
+    lengths = _passkey_lengths(data[0])
+    rulers = [c for c in data[0] if c.startswith("ruler_") and not c.endswith(("_lo", "_hi"))]
+    header = (["configuration", "adapter", "recall W/2", "recall 2W", "recall 8W"]
+              + [f"passkey {_tokens(n)}" for n in lengths]
+              + [f"RULER {c[6:].rsplit('_', 1)[0]} {_tokens(c.rsplit('_', 1)[1])}" for c in rulers]
+              + ["held-out ppl", "train min"])
+    body = [[r["config"], ADAPTER_NAMES.get(r["adapter"], r["adapter"]),
+             *(_with_interval(r, f"recall_{d}", 2) for d in ("W/2", "2W", "8W")),
+             *(_with_interval(r, f"passkey_{n}", 2) for n in lengths), *(_with_interval(r, c, 2) for c in rulers),
+             r["heldout_ppl"], r["train_minutes"] or "–"] for r in data]
+    settings = json.loads(data[0]["settings"])
+    return (f"{source(name)}\n\n{MODEL_TITLES[data[0]['model']]}, window {data[0]['window']}; LoRA "
+            f"{settings['steps']} steps of {settings['seq_len']} tokens per adapter, each on its row's configuration:"
+            f"\n\n" + table(header, body))
 
 
 def long_range_target(name="long_range_study.csv"):
@@ -1015,7 +1042,7 @@ SECTIONS = {
                                                            "min_s", "max_s", "vs_unpatched", "vs_unpatched_min",
                                                            "vs_unpatched_max", "warmup_s", "max_abs_logit_diff"]),
     "long_range": long_range, "long_range_gemma3": lambda: long_range("long_range_study_gemma3.csv"),
-    "frontier_smollm2": lambda: long_range("frontier_smollm2.csv"),
+    "frontier_smollm2": lambda: long_range("frontier_smollm2.csv"), "adaptation": adaptation,
     "gemma3_calibrated": csv_table("gemma3_calibrated.csv", ["row", "full_layers", "wide", "ppl", "ppl_vs_loaded",
                                                              "kv_mib", "kv_vs_loaded", "meets_target", "calibrate_s",
                                                              "stream_s"]),
