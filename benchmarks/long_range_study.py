@@ -37,7 +37,8 @@ unpatched model, the ``dense`` row, already windows 15 of its 18 layers at 512.
    trains on long-range tasks built from the training text (``--lr-tasks`` at ``--lr-distances``,
    answers only, mixed ``--lr-mix`` with running text), and ``@ce`` on the same row at the same
    steps and sequence length is its running-text control, e.g.
-   ``--train-as-row --seq-len 2176 --rows sinks@ce,sinks@lr,heads:0.25+sinks@ce,heads:0.25+sinks@lr``.
+   ``--train-as-row --seq-len 2176 --rows sinks@ce,sinks@lr,heads:0.25+sinks@ce,heads:0.25+sinks@lr``
+   (with ``--calibrate-length 16384``, ``heads:0.25`` is a quarter of the full-attention KV at 16k).
 4. For every row (``--rows``: a configuration of ``swa_patch.retrieval.config_options``, e.g.
    ``sinks:16+decode-full``; ``window`` windows every layer, ``native`` keeps the model's own
    global layers full), plus the keep-first-k sweep (``--sink-sweep``: ``sinks:k+decode-full``
@@ -146,6 +147,9 @@ def parse_args(argv=None):
     p.add_argument("--ruler-limit", type=int, default=30, help="RULER samples per task and length")
     p.add_argument("--calibrate-trials", type=int, default=8,
                    help="segments per calibration (rows heads:SHARE, heads-nll:SHARE, layers-nll:SHARE)")
+    p.add_argument("--calibrate-length", type=int, default=None,
+                   help="make SHARE a share of the full-attention KV at this many tokens (windows and sinks "
+                        "count; what is left widens one more head: calibrate(length=)) instead of a share of KV heads")
     p.add_argument("--prefill-tokens", type=int, default=16384)
     p.add_argument("--prefill-rounds", type=int, default=5, help="timed prefills per configuration, after one warm-up")
     p.add_argument("--ppl-blocks", type=int, default=8, help="held-out blocks of --seq-len for perplexity")
@@ -223,7 +227,8 @@ def calibration_of(part: str) -> str | None:
 
 def plan_path(args, part: str) -> str:
     kind, _, share = part.partition(":")
-    return os.path.join(args.work, f"plan_{kind}_{share}_w{args.window}_s{args.sinks}.json")
+    length = f"_n{args.calibrate_length}" if args.calibrate_length else ""
+    return os.path.join(args.work, f"plan_{kind}_{share}{length}_w{args.window}_s{args.sinks}.json")
 
 
 def calibrate_plans(args, parsed) -> dict[str, float]:
@@ -244,7 +249,8 @@ def calibrate_plans(args, parsed) -> dict[str, float]:
         method, unit = CALIBRATED[kind]
         start = time.perf_counter()
         plan = calibrate(model, ids, args.window, args.sinks, float(share), method=method, unit=unit,
-                         trials=args.calibrate_trials, source=f"{train} (the study's training split)")
+                         trials=args.calibrate_trials, length=args.calibrate_length,
+                         source=f"{train} (the study's training split)")
         plan.save(plan_path(args, part))
         minutes[part] = (time.perf_counter() - start) / 60
         print(f"calibrated {part} in {minutes[part]:.1f} min: {plan}", flush=True)
@@ -461,7 +467,8 @@ def prefill(args, config: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--time-config", config, "--model", args.model,
            "--window", str(args.window), "--sinks", str(args.sinks), "--prefill-tokens", str(args.prefill_tokens),
            "--prefill-rounds", str(args.prefill_rounds), "--threads", str(args.threads),
-           "--work", args.work]                     # where the calibrated rows' plans are
+           "--work", args.work,                      # where the calibrated rows' plans are
+           *(["--calibrate-length", str(args.calibrate_length)] if args.calibrate_length else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"timing {config} failed:\n{out.stderr[-3000:]}")
@@ -483,7 +490,7 @@ def write_rows(path: str, summary: list[dict], args) -> None:
         "model", "part", "window", "sinks", "trials", "distances", "depths", "passkey_tries", "span", "lead", "resamples",
         "prefill_tokens", "prefill_rounds", "sink_sweep", "steps", "seq_len", "lr", "distill_alpha", "temperature",
         "train_config", "ppl_blocks", "quick", "ruler_lengths", "ruler_tasks", "ruler_limit", "calibrate_trials",
-        "train_as_row", "lr_tasks", "lr_distances", "lr_mix")})
+        "calibrate_length", "train_as_row", "lr_tasks", "lr_distances", "lr_mix")})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*summary[0], *meta])

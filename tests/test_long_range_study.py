@@ -112,14 +112,15 @@ def test_calibrated_rows_use_plans_from_the_training_split(study, tmp_path, monk
 
     args = study.parse_args(["--rows", "dense,heads:0.1+sinks,layers-nll:0.25", "--work", str(tmp_path),
                              "--sink-sweep", ""])
-    seen = []
+    seen, lengths = [], []
 
     class Tok:
         def __call__(self, text, return_tensors):
             seen.append(text)
             return type("Enc", (), {"input_ids": torch.arange(500)[None]})()
 
-    def fake_calibrate(model, ids, window, sinks, budget, method, unit, trials, source):
+    def fake_calibrate(model, ids, window, sinks, budget, method, unit, trials, source, length):
+        lengths.append(length)
         full = [(0, 1)] if unit == "head" else [(0, 0), (0, 1), (0, 2)]
         return Plan(window, sinks, full, [[0.0] * 3 for _ in range(30)], budget, method=method, calibration={"source": source})
     monkeypatch.setattr(swa_patch, "calibrate", fake_calibrate)
@@ -142,6 +143,15 @@ def test_calibrated_rows_use_plans_from_the_training_split(study, tmp_path, monk
     assert calls[0][calls[0].index("--work") + 1] == str(tmp_path)            # the child finds the plans
     decoding = study.options_of(args, "decode-heads:0.1+sinks")           # the heads:0.1 plan, decoding instead
     assert decoding["window"] == [256] * 30 and decoding["decode"][0] == [1] and decoding["decode"][1] == []
+    assert lengths == [None, None]
+    # --calibrate-length: SHARE of the KV at that length, in its own plan file, which the timing child finds
+    budgeted = study.parse_args(["--rows", "heads:0.1+sinks", "--work", str(tmp_path), "--sink-sweep", "",
+                                 "--calibrate-length", "16384"])
+    study.calibrate_plans(budgeted, [("heads:0.1+sinks", "heads:0.1+sinks", "")])
+    assert lengths[-1] == 16384 and study.plan_path(budgeted, "heads:0.1") != study.plan_path(args, "heads:0.1")
+    study.prefill(budgeted, "heads:0.1+sinks")
+    assert calls[-1][calls[-1].index("--calibrate-length") + 1] == "16384"
+    assert "--calibrate-length" not in calls[0]
 
 
 def test_train_as_row_trains_each_rows_own_configuration(study, tmp_path, monkeypatch):
