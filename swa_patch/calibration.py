@@ -13,7 +13,9 @@ retrieves).  The plan keeps the ``budget`` highest-scoring KV heads full and win
 Heads of layers the model itself trained with a window (``layer_types[i] == "sliding_attention"``,
 Gemma 2/3's local layers) are never chosen: opened past that window the model degrades badly (see
 ``patch._warn_past_trained_windows``).  With ``length=``, the budget is a share of the full-attention
-KV at that many tokens; what is left after the full heads widens the next head's window.
+KV at that many tokens; what is left after the full heads widens the window of the next head and of
+the windowed heads in its layer (the cache rolls a layer's windowed heads in one ring, as wide as
+the widest: a head widened alone would cost its neighbours' memory and give them nothing).
 """
 from __future__ import annotations
 
@@ -55,9 +57,13 @@ class Plan:
 
     def kv_share(self, length: int) -> float:
         """Tokens the plan's KV heads keep at ``length`` tokens (sinks included) over what full
-        attention keeps: the share of dense KV memory (one byte size for every head)."""
-        kept = [length if w is None else min(length, w + self.sinks) for row in self.windows() for w in row]
-        return sum(kept) / (length * len(kept))
+        attention keeps: the share of dense KV memory (one byte size for every head).  A layer's
+        windowed heads roll in one ring as wide as the widest of them, so each keeps that many."""
+        kept = 0
+        for row in self.windows():
+            rolling = [w for w in row if w is not None]
+            kept += length * (len(row) - len(rolling)) + len(rolling) * min(length, max(rolling, default=0) + self.sinks)
+        return kept / (length * sum(map(len, self.scores)))
 
     def patch_options(self, decode: bool = False) -> dict:
         """``patch_model`` options: the chosen heads full (``decode=False``), or every head windowed
@@ -257,7 +263,8 @@ def calibrate(model, ids: torch.Tensor, window: int, sinks: int = 4, budget: flo
     and segment; ``target="text"`` scores running text instead of copies); ``unit="layer"`` (``nll``
     only) keeps whole layers, ``budget // KV heads`` of them.  ``length``: a share ``budget`` is of
     the full-attention KV at ``length`` tokens instead (sinks and windows count): the best heads go
-    full while they fit, and what is left widens the next head's window.  Heads of layers the model
+    full while they fit, and what is left widens the window of the next head and of the windowed
+    heads sharing its layer's ring.  Heads of layers the model
     trained with a window are never chosen.  ``ids``: calibration tokens (1-D, or ``[1, n]``) from
     the user's own text, never the evaluation's; ``source`` names them in the plan.  The model must
     be unpatched; it is left as it was."""
@@ -302,7 +309,8 @@ def calibrate(model, ids: torch.Tensor, window: int, sinks: int = 4, budget: flo
                              f"layers {sorted(trained_windowed_layers(config))} were trained with a window")
         full, wide = sorted(h for u in units[:count // per_unit] for h in u), []
     else:
-        full, wide = _fit(units, window, sinks, length, budget * length * total - total * min(length, window + sinks))
+        full, wide = _fit(units, n_kv, window, sinks, length,
+                          budget * length * total - total * min(length, window + sinks))
     label = "/".join([method] + ["layer"] * (unit == "layer") + [target] * (target != "copy"))
     return Plan(window, sinks, full, [[None if s != s else round(float(s), 6) for s in row] for row in per_kv], budget,
                 method=label,
@@ -311,19 +319,21 @@ def calibrate(model, ids: torch.Tensor, window: int, sinks: int = 4, budget: flo
                 wide_heads=wide)
 
 
-def _fit(units: list[list[tuple[int, int]]], window: int, sinks: int, length: int, spare: float):
+def _fit(units: list[list[tuple[int, int]]], n_kv: int, window: int, sinks: int, length: int, spare: float):
     """Open ``units`` (best first; each a list of KV heads) in full while the ``spare`` tokens (over
     every head keeping ``window + sinks``) pay for it; the rest of ``spare`` widens the next unit's
-    window.  Returns (full heads, [(layer, head, window)])."""
+    layer: every head of it not full, since they share one ring.  Returns (full heads, [(layer, head, window)])."""
     full, wide, extra = [], [], length - min(length, window + sinks)
     for heads in units:
         if extra * len(heads) <= spare:
             full += heads
             spare -= extra * len(heads)
             continue
-        grow = int(spare // len(heads))
+        layer = heads[0][0]
+        ring = [(layer, h) for h in range(n_kv) if (layer, h) not in full]
+        grow = int(spare // len(ring))
         if grow > 0:
-            wide = [(layer, head, window + grow) for layer, head in heads]
+            wide = [(layer, head, window + grow) for layer, head in ring]
         break
     return sorted(full), sorted(wide)
 

@@ -187,6 +187,32 @@ def test_kv_budget_at_a_length_fills_full_heads_then_widens_one(monkeypatch, tmp
         calibrate(model, ids, window=8, target="text")
 
 
+def test_kv_share_is_what_the_cache_holds_and_a_widened_layer_shares_its_ring(monkeypatch):
+    """The plan's KV share against the bytes a patched prefill's cache really holds: a widened head
+    widens every windowed head of its layer (one ring), and is charged for all of them."""
+    from transformers import DynamicCache
+    from swa_patch import make_cache
+    from swa_patch.streaming import cache_bytes
+    model = tiny_model("llama", num_hidden_layers=3)              # 2 KV heads per layer
+    fixed = torch.tensor([[0.1, 0.9], [0.3, 0.0], [0.5, 0.4]])
+    monkeypatch.setattr(calibration, "nll_scores", lambda *a, **k: fixed)
+    length, ids = 400, torch.arange(100)
+    # 6 x 400 tokens; each keeps 8 + 2 = 10 (60); budget 0.3 -> 720: one full (+390) leaves 270 for
+    # layer 2's two windowed heads, 135 each (not 270 to head (2, 0) alone: head 1 would hold as many)
+    plan = calibrate(model, ids, window=8, sinks=2, budget=0.3, method="nll", length=length)
+    assert plan.full_heads == [(0, 1)] and plan.wide_heads == [(2, 0, 8 + 135), (2, 1, 8 + 135)]
+    hand_made = Plan(8, 2, [(0, 1)], fixed.tolist(), 0.3, wide_heads=[(2, 0, 8 + 262)])   # head 1 rolls in its ring
+    ids = torch.arange(length)[None] % 90 + 3
+    model(ids, cache=(dense := DynamicCache(config=model.config)))
+    for p in (plan, hand_made):
+        patched = patch_model(tiny_model("llama", num_hidden_layers=3), **p.patch_options())
+        patched(ids, cache=(cache := make_cache(patched)))
+        # the cache adds rotated sink copies and slot bookkeeping (~4 tokens a head here); a share
+        # that missed the ring would be 0.11 off
+        assert p.kv_share(length) == pytest.approx(cache_bytes(cache) / cache_bytes(dense), abs=0.02)
+    assert plan.kv_share(length) == pytest.approx(0.3) and hand_made.kv_share(length) == pytest.approx(974 / 2400)
+
+
 def test_layer_unit_keeps_whole_layers(monkeypatch):
     model = tiny_model("llama", num_hidden_layers=3)
     fixed = torch.tensor([[0.1, 0.1], [0.5, 0.5], [0.3, 0.3]])
