@@ -91,6 +91,7 @@ MEASURES = {
     "frontier_smollm2.csv": STUDY + ("swa_patch/calibration.py", "swa_patch/ruler.py"),
     "frontier_smollm2_prefill.csv": STUDY + ("swa_patch/calibration.py",),
     "adaptation_smollm2.csv": STUDY + ("recipes", "swa_patch/calibration.py", "swa_patch/ruler.py"),
+    "adaptation_smollm2_prefill.csv": STUDY + ("swa_patch/calibration.py",),
     "gemma3_calibrated.csv": CACHE + STREAM + COMMON + ("swa_patch/calibration.py", "benchmarks/gemma3_calibrated.py"),
     "gpu_check_h200.csv": CACHE + ("swa_patch/static_cache.py", "benchmarks/gpu_check.py"),
     "vllm_roundtrip.csv": ATTENTION + REAL + COMMON + ("swa_patch/export.py", "swa_patch/checkpoint.py",
@@ -545,24 +546,81 @@ ADAPTER_NAMES = {"": "before", "ce": "running-text LoRA (control)", "lr": "long-
 
 def adaptation(name="adaptation_smollm2.csv"):
     """Issue 30's before/after table: each row's configuration untrained, after LoRA on running text
-    (the control) and after LoRA on long-range tasks, at the same steps, with intervals."""
+    (the control) and after LoRA on long-range tasks, at the same steps, with intervals; its KV
+    joined by configuration from the timing part (``*_prefill.csv``), then the target's verdict
+    (:func:`adaptation_target`)."""
     data = rows(name)
     if not data:
         return source(name)
+    timing = {r["config"]: r for r in rows(_prefill_name(name))}
     lengths = _passkey_lengths(data[0])
+    k = _tokens(next(iter(timing.values()))["tokens"]) if timing else "16k"
     rulers = [c for c in data[0] if c.startswith("ruler_") and not c.endswith(("_lo", "_hi"))]
     header = (["configuration", "adapter", "recall W/2", "recall 2W", "recall 8W"]
               + [f"passkey {_tokens(n)}" for n in lengths]
               + [f"RULER {c[6:].rsplit('_', 1)[0]} {_tokens(c.rsplit('_', 1)[1])}" for c in rulers]
-              + ["held-out ppl", "train min"])
-    body = [[r["config"], ADAPTER_NAMES.get(r["adapter"], r["adapter"]),
-             *(_with_interval(r, f"recall_{d}", 2) for d in ("W/2", "2W", "8W")),
-             *(_with_interval(r, f"passkey_{n}", 2) for n in lengths), *(_with_interval(r, c, 2) for c in rulers),
-             r["heldout_ppl"], r["train_minutes"] or "–"] for r in data]
+              + ["held-out ppl", "train min"] + ([f"KV MiB at {k} (of dense)"] if timing else []))
+    body = []
+    for r in data:
+        keys = [_with_interval(r, f"passkey_{n}", 2) + (f" (end {_with_interval(r, f'passkey_{n}_prompt_end', 2)})"
+                                                       if r.get(f"passkey_{n}_prompt_end") else "") for n in lengths]
+        body.append([r["config"], ADAPTER_NAMES.get(r["adapter"], r["adapter"]),
+                     *(_with_interval(r, f"recall_{d}", 2) for d in ("W/2", "2W", "8W")), *keys,
+                     *(_with_interval(r, c, 2) for c in rulers), r["heldout_ppl"], r["train_minutes"] or "–",
+                     *([_kv_share(timing, r["config"])] if timing else [])])
     settings = json.loads(data[0]["settings"])
-    return (f"{source(name)}\n\n{MODEL_TITLES[data[0]['model']]}, window {data[0]['window']}; LoRA "
+    kv = f"\n\nKV: {source(_prefill_name(name))}" if timing else ""
+    return (f"{source(name)}{kv}\n\n{MODEL_TITLES[data[0]['model']]}, window {data[0]['window']}; LoRA "
             f"{settings['steps']} steps of {settings['seq_len']} tokens per adapter, each on its row's configuration:"
-            f"\n\n" + table(header, body))
+            f"\n\n" + table(header, body) + f"\n\n{adaptation_target(data, timing)}")
+
+
+def _kv_share(timing, config):
+    t, dense = timing.get(config), timing.get("dense")
+    if not t:
+        return "not measured"
+    return f"{t['kv_mib']} ({float(t['kv_mib']) / float(dense['kv_mib']):.1%})" if dense else t["kv_mib"]
+
+
+def _hits(value):
+    """A score written ``hits/n`` as a share."""
+    hits, n = value.split("/")
+    return int(hits) / int(n)
+
+
+def adaptation_target(data, timing, share=0.25):
+    """Issue 30's target as a sentence: a calibrated row adapted on long-range data (``@lr``) with
+    KV at most ``share`` of dense's at the timed length; copy recall at 8W within dense's 95 %
+    interval (recall is a paired ratio to dense, whose own interval is the point 1: the row's
+    interval must reach 1); RULER niah_single at the longest length no lower than dense's 95 %
+    interval; held-out perplexity no worse than the same configuration before adaptation."""
+    dense = pick(data, row="dense")
+    longest = max((c for c in data[0] if c.startswith("ruler_niah_single") and not c.endswith(("_lo", "_hi"))),
+                  key=lambda c: int(c.rsplit("_", 1)[1]), default=None)
+    rows_ = [r for r in data if r["adapter"] == "lr" and r.get("calibrate_minutes")]
+    if not rows_ or longest is None or "dense" not in timing:
+        return "Target (the best calibrated row at ≤ 25 % of dense KV, adapted): **not measured** by this CSV."
+    verdicts = []
+    for r in rows_:
+        before = pick(data, config=r["config"], adapter="")
+        kv = float(timing[r["config"]]["kv_mib"]) / float(timing["dense"]["kv_mib"]) if r["config"] in timing else 1.0
+        checks = [(kv <= share, f"KV {kv:.1%} of dense"),
+                  (r["recall_8W_hi"] != "" and float(r["recall_8W_hi"]) >= 1.0,
+                   f"recall 8W {_with_interval(r, 'recall_8W', 2)}"),
+                  (_hits(r[longest]) >= float(dense[f"{longest}_lo"]),
+                   f"RULER {_tokens(longest.rsplit('_', 1)[1])} {r[longest]} (dense {_with_interval(dense, longest, 2)})"),
+                  (float(r["heldout_ppl"]) <= float(before["heldout_ppl"]),
+                   f"held-out ppl {r['heldout_ppl']} (before {before['heldout_ppl']})")]
+        missed = [text for ok, text in checks if not ok]
+        verdicts.append((not missed, r["config"], "; ".join(text for _, text in checks), missed))
+    met = [v for v in verdicts if v[0]]
+    head = ("Target (a calibrated row at ≤ 25 % of dense KV, adapted on long-range data: recall at 8W within dense's "
+            "interval, i.e. its paired interval reaches 1; RULER niah_single at the longest length no lower than "
+            "dense's 95 % interval; held-out perplexity no worse than before adaptation): ")
+    if met:
+        return head + "**met** by " + "; ".join(f"{config} + long-range LoRA ({text})" for _, config, text, _ in met) + "."
+    return head + "**not met**: " + "; ".join(f"{config} + long-range LoRA misses {', '.join(missed)}"
+                                             for _, config, _, missed in verdicts) + "."
 
 
 def long_range_target(name="long_range_study.csv"):

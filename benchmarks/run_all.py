@@ -28,6 +28,8 @@ R = "benchmarks/results"
 FRONTIER_ROWS = ("dense,sinks,sinks+full-layers:4,layers-nll:0.125+sinks,layers-nll:0.25+sinks,heads:0.05+sinks,"
                  "heads:0.1+sinks,heads:0.25+sinks,heads-nll:0.1+sinks,decode-heads:0.1+sinks,decode-heads:0.25+sinks,"
                  "sinks+decode-full")
+ADAPTATION_ROWS = ("dense,sinks,sinks@ce,sinks@lr,heads:0.245+sinks,heads:0.245+sinks@ce,heads:0.245+sinks@lr,"
+                   "sinks+decode-full,sinks+decode-full@ce,sinks+decode-full@lr")
 BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
     "prefill": (["benchmarks/prefill_scaling.py"], 44),
     "decode": (["benchmarks/cache_decode.py"], 3),
@@ -68,10 +70,19 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
                                   "--sink-sweep", ""], 34),
     "long_range_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes",
                            "--sink-sweep", ""], 65),
-    # issue 29's frontier: calibrated heads and layers beside the window, decode-full and dense, with RULER
-    # (not run in full yet: the estimate is the study's own, from its per-token rates)
-    "frontier": (["benchmarks/long_range_study.py", "--rows", FRONTIER_ROWS, "--sink-sweep", "",
-                  "--ruler-lengths", "1024,2048,4096", "--ruler-limit", "30", "--out", f"{R}/frontier_smollm2"], 240),
+    # issue 29's frontier: calibrated heads and layers beside the window, decode-full and dense, with RULER;
+    # two parts, each fits a session here (not run in full yet: minutes from the adaptation run's per-row rates)
+    "frontier_timing": (["benchmarks/long_range_study.py", "--part", "timing", "--rows", FRONTIER_ROWS,
+                         "--sink-sweep", "", "--prefill-rounds", "3", "--out", f"{R}/frontier_smollm2"], 45),
+    "frontier": (["benchmarks/long_range_study.py", "--part", "probes", "--rows", FRONTIER_ROWS, "--sink-sweep", "",
+                  "--ruler-lengths", "1024,2048,4096", "--ruler-limit", "30", "--out", f"{R}/frontier_smollm2"], 110),
+    # issue 30's before/after: each row untrained, after running-text LoRA (@ce) and long-range LoRA (@lr)
+    "adaptation": (["benchmarks/long_range_study.py", "--part", "all", "--train-as-row", "--seq-len", "2176",
+                    "--steps", "40", "--rows", ADAPTATION_ROWS, "--sink-sweep", "", "--distances", "128,512,2048",
+                    "--trials", "8", "--passkey-lengths", "1024", "--passkey-tries", "2", "--ruler-lengths",
+                    "1024,2048,4096", "--ruler-limit", "10", "--ppl-blocks", "4", "--calibrate-trials", "8",
+                    "--calibrate-length", "16384", "--prefill-rounds", "1", "--work", "/tmp/swa_adapt",
+                    "--out", f"{R}/adaptation_smollm2"], 91),
     # issue 29's Gemma target: every layer windowed + a calibrated plan against the model as loaded, 16k tokens
     "gemma3_calibrated": (["benchmarks/gemma3_calibrated.py", "--no-progress"], 12),
     "attention_sinks": (["benchmarks/attention_sinks_compare.py", "--tokens", "1280"], 39),   # 5 paired rounds

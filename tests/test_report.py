@@ -409,3 +409,29 @@ def test_paired_rounds_warms_every_callable_alike_and_alternates_the_order():
     assert out["slow"]["seconds"] == out["slow"]["warmup_s"] == 4.0
     with pytest.raises(ValueError, match="baseline"):
         common.paired_rounds({"a": fake("fast")}, rounds=1, baseline="dense")
+
+
+def test_adaptation_target_fails_on_each_criterion(report):
+    """Issue 30's verdict: the adapted calibrated row must fit 25 % of dense KV, reach dense's recall
+    at 8W, keep RULER at the longest length in dense's interval and not lose perplexity; each
+    figure moved past its bound turns the verdict."""
+    def row(config, adapter, recall_hi, ruler, ppl, calibrated=""):
+        return {"row": config + (f"@{adapter}" if adapter else ""), "config": config, "adapter": adapter,
+                "recall_8W": "1.000", "recall_8W_lo": "0.900", "recall_8W_hi": recall_hi,
+                "ruler_niah_single_1_1024": "10/10", "ruler_niah_single_1_4096": ruler,
+                "ruler_niah_single_1_4096_lo": "0.72", "ruler_niah_single_1_4096_hi": "1.00",
+                "heldout_ppl": ppl, "calibrate_minutes": calibrated}
+    data = [row("dense", "", "1.000", "10/10", "8.0"), row("heads:0.24+sinks", "", "0.6", "4/10", "8.8", "0.1"),
+            row("heads:0.24+sinks", "lr", "1.05", "8/10", "8.1", "0.1")]
+    timing = {"dense": {"kv_mib": "720.0"}, "heads:0.24+sinks": {"kv_mib": "175.0"}}
+    text = report.adaptation_target(data, timing)
+    assert "**met** by heads:0.24+sinks + long-range LoRA (KV 24.3% of dense" in text and "before 8.8" in text
+    for where, key, value, missed in ((timing["heads:0.24+sinks"], "kv_mib", "181.0", "KV 25.1% of dense"),
+                                      (data[2], "recall_8W_hi", "0.99", "recall 8W"),
+                                      (data[2], "ruler_niah_single_1_4096", "7/10", "RULER 4k 7/10"),
+                                      (data[2], "heldout_ppl", "8.9", "held-out ppl 8.9 (before 8.8)")):
+        old, where[key] = where[key], value
+        text = report.adaptation_target(data, timing)
+        assert "**not met**" in text and f"misses {missed}" in text, (key, text)
+        where[key] = old
+    assert "**not measured**" in report.adaptation_target(data[:2], timing)     # no adapted calibrated row
