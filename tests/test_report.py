@@ -435,3 +435,4 @@ def test_adaptation_target_fails_on_each_criterion(report):
         assert "**not met**" in text and f"misses {missed}" in text, (key, text)
         where[key] = old
     assert "**not measured**" in report.adaptation_target(data[:2], timing)     # no adapted calibrated row
+    assert "misses KV not measured" in report.adaptation_target(data, {"dense": timing["dense"]})
