@@ -436,3 +436,35 @@ def test_adaptation_target_fails_on_each_criterion(report):
         where[key] = old
     assert "**not measured**" in report.adaptation_target(data[:2], timing)     # no adapted calibrated row
     assert "misses KV not measured" in report.adaptation_target(data, {"dense": timing["dense"]})
+
+
+def test_frontier_target_fails_on_each_criterion_and_names_the_closest_rows(report):
+    """Issue 29's verdict: a training-free row within the KV budget, ≥ 1.5x dense prefill, recall ≥ 0.9
+    at 8W and RULER at the longest length in dense's interval with ≥ 30 samples; each figure moved
+    past its bound turns it, and the verdict then names, per axis, the best row within the budget
+    and the least KV of a row that meets the axis."""
+    def row(name, recall, ruler, lo=""):
+        return {"row": name, "config": name, "adapter": "", "recall_8W": recall, "recall_8W_lo": "0.8",
+                "recall_8W_hi": "1.0", "ruler_niah_single_1_1024": "30/30", "ruler_niah_single_1_4096": ruler,
+                "ruler_niah_single_1_4096_lo": lo or "0.10", "ruler_niah_single_1_4096_hi": "1.00"}
+    data = [row("dense", "1.000", "30/30", "0.89"), row("heads:0.2+sinks", "0.950", "28/30"),
+            row("sinks+decode-full", "0.990", "30/30")]
+    timing = {"dense": {"kv_mib": "720.0", "tokens": "16384", "prefill_speedup_vs_dense": "1.00"},
+              "heads:0.2+sinks": {"kv_mib": "170.0", "prefill_speedup_vs_dense": "1.60"},
+              "sinks+decode-full": {"kv_mib": "720.5", "prefill_speedup_vs_dense": "2.50"}}
+    text = report.frontier_target(data, timing)
+    assert "**met** by heads:0.2+sinks (KV 23.6%; prefill 1.60x" in text and "sinks+decode-full" not in text
+    for where, key, value, closest in ((timing["heads:0.2+sinks"], "kv_mib", "181.0", "least KV meeting it heads:0.2"),
+                                       (timing["heads:0.2+sinks"], "prefill_speedup_vs_dense", "1.49", "prefill 1.49x"),
+                                       (data[1], "recall_8W", "0.890", "recall 8W 0.89 [0.80, 1.00]"),
+                                       (data[1], "ruler_niah_single_1_4096", "26/30", "4k 26/30 (dense 30/30")):
+        old, where[key] = where[key], value
+        text = report.frontier_target(data, timing)
+        assert "**not met**" in text and closest in text, (key, text)
+        where[key] = old
+    few = [dict(r, ruler_niah_single_1_4096=r["ruler_niah_single_1_4096"].replace("/30", "/10")
+                .replace("28/", "9/").replace("30/", "10/")) for r in data]
+    text = report.frontier_target(few, timing)
+    assert "**not met**" in text and "(fewer than 30 samples)" in text
+    assert "**not met**" in report.frontier_target(data, timing, share=0.10)
+    assert "**not measured**" in report.frontier_target(data, {k: v for k, v in timing.items() if k != "dense"})
