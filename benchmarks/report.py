@@ -535,15 +535,15 @@ def long_range(name="long_range_study.csv", verdict=None):
                      *(_with_interval(r, c, 2) for c in rulers), r["heldout_ppl"], *speed])
     title = MODEL_TITLES[data[0].get("model") or "smollm2-135m"]
     if verdict is not None:
-        return (f"{source(name)}\n\nPrefill: {source(_prefill_name(name))}\n\n{title}, window {data[0]['window']}:\n\n"
-                + table(header, body) + "\n\n" + verdict(data, timing))
-    met, text = long_range_target(name)
-    within = ("within the unpatched model's 95 % interval" if any(c.endswith("_lo") for c in data[0])
-              else "within one hit of the unpatched model's, as this CSV has no intervals")
-    verdict = (f"\n\nTarget (prefill ≥ 1.5x the unpatched model, recall ≥ 0.9 at 8W, passkey at every length "
-               f"{within}): {'**met**' if met else '**not met**'}: {text}.")
+        sentence = verdict(data, timing)
+    else:
+        met, text = long_range_target(name)
+        within = ("within the unpatched model's 95 % interval" if any(c.endswith("_lo") for c in data[0])
+                  else "within one hit of the unpatched model's, as this CSV has no intervals")
+        sentence = (f"Target (prefill ≥ 1.5x the unpatched model, recall ≥ 0.9 at 8W, passkey at every length "
+                    f"{within}): {'**met**' if met else '**not met**'}: {text}.")
     return (f"{source(name)}\n\nPrefill: {source(_prefill_name(name))}\n\n{title}, window {data[0]['window']}:\n\n"
-            + table(header, body) + verdict)
+            + table(header, body) + "\n\n" + sentence)
 
 
 ADAPTER_NAMES = {"": "before", "ce": "running-text LoRA (control)", "lr": "long-range LoRA", "distill": "distilled LoRA"}
@@ -1199,7 +1199,7 @@ SECTIONS = {
         frontier_target(d, t, share) for share in (0.25, 0.10))), "adaptation": adaptation,
     "frontier_gemma3": lambda: long_range("frontier_gemma3.csv", lambda d, t: (
         "Gemma's target (perplexity over 16k within 10 % of the model as loaded at ≤ 50 % of its KV) is judged by "
-        "`gemma3_calibrated.csv` below; this table's perplexity is over 1k blocks.")),
+        "`gemma3_calibrated.csv` above; this table's perplexity is over 1k blocks.")),
     "gemma3_calibrated": csv_table("gemma3_calibrated.csv", ["row", "full_layers", "wide", "ppl", "ppl_vs_loaded",
                                                              "kv_mib", "kv_vs_loaded", "meets_target", "calibrate_s",
                                                              "stream_s"]),
