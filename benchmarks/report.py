@@ -91,6 +91,7 @@ MEASURES = {
     "frontier_smollm2.csv": STUDY + ("swa_patch/calibration.py", "swa_patch/ruler.py"),
     "frontier_smollm2_prefill.csv": STUDY + ("swa_patch/calibration.py",),
     "frontier_gemma3.csv": STUDY + ("swa_patch/calibration.py", "swa_patch/ruler.py"),
+    "frontier_gemma3_more.csv": STUDY + ("swa_patch/calibration.py", "swa_patch/ruler.py"),
     "frontier_gemma3_prefill.csv": STUDY + ("swa_patch/calibration.py",),
     "adaptation_smollm2.csv": STUDY + ("recipes", "swa_patch/calibration.py", "swa_patch/ruler.py"),
     "adaptation_smollm2_prefill.csv": STUDY + ("swa_patch/calibration.py",),
@@ -505,14 +506,27 @@ def _prefill_name(name):
     return name.removesuffix(".csv") + "_prefill.csv"
 
 
+# A study's probes part run as several commands, each on some of the rows (so each fits a session here):
+# its first CSV -> the others, whose rows the table appends, each with its own provenance line.
+PROBE_PARTS = {"frontier_gemma3.csv": ("frontier_gemma3_more.csv",)}
+
+
 def long_range(name="long_range_study.csv", verdict=None):
     """The SWAA-style table: one row per configuration of benchmarks/long_range_study.py's probes
-    part, its prefill columns joined by configuration from the timing part (``*_prefill.csv``,
-    its own command and commit), with bootstrap intervals where the CSV has them, then the
-    target's verdict: ``verdict(data, timing)``'s sentence, or :func:`long_range_target`'s."""
-    data = rows(name)
-    if not data:
+    part (and of its :data:`PROBE_PARTS`), its prefill columns joined by configuration from the
+    timing part (``*_prefill.csv``, its own command and commit), with bootstrap intervals where the
+    CSV has them, then the target's verdict: ``verdict(data, timing)``'s sentence, or
+    :func:`long_range_target`'s."""
+    parts = [n for n in (name, *PROBE_PARTS.get(name, ())) if rows(n)]
+    if not parts:
         return source(name)
+    data = [r for n in parts for r in rows(n)]
+    if any(set(r) != set(data[0]) for r in data):
+        raise ValueError(f"{', '.join(parts)}: the parts of one probes table have different columns (other "
+                         "probe settings); rerun them with run_all's commands")
+    labels = [(r["config"], r["adapter"]) for r in data]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"{', '.join(parts)}: a row is in more than one part")
     timing = {r["config"]: r for r in rows(_prefill_name(name))}
     lengths = _passkey_lengths(data[0])
     k = _tokens(next(iter(timing.values()))["tokens"]) if timing else "16k"
@@ -542,7 +556,8 @@ def long_range(name="long_range_study.csv", verdict=None):
                   else "within one hit of the unpatched model's, as this CSV has no intervals")
         sentence = (f"Target (prefill ≥ 1.5x the unpatched model, recall ≥ 0.9 at 8W, passkey at every length "
                     f"{within}): {'**met**' if met else '**not met**'}: {text}.")
-    return (f"{source(name)}\n\nPrefill: {source(_prefill_name(name))}\n\n{title}, window {data[0]['window']}:\n\n"
+    sources = "\n\n".join([source(name)] + [f"More rows: {source(n)}" for n in PROBE_PARTS.get(name, ())])
+    return (f"{sources}\n\nPrefill: {source(_prefill_name(name))}\n\n{title}, window {data[0]['window']}:\n\n"
             + table(header, body) + "\n\n" + sentence)
 
 

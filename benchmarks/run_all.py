@@ -30,8 +30,13 @@ FRONTIER_ROWS = ("dense,sinks,sinks+full-layers:4,layers-nll:0.125+sinks,layers-
                  "sinks+decode-full")
 # Gemma-3-270M has one KV head per layer: heads:S are whole layers (0.05 / 0.1 / 0.167 / 0.25 = 1 / 2 / 3 / 4 of 18),
 # heads-nll:0.167 is three calibrated layers in place of its three global ones
+# its probes part runs in two commands (two CSVs the report joins): RULER's 128 generated tokens per sample cost Gemma
+# ~8 s at 1k (its 262k-token head), ~25 min a row, so the nine rows do not fit one session here
+GEMMA_FRONTIER_PROBES = ("dense,sinks,heads-nll:0.167+sinks,decode-heads:0.167+sinks,sinks+decode-global",
+                         "sinks+full-layers:4,heads:0.05+sinks,heads:0.1+sinks,heads:0.25+sinks")
 GEMMA_FRONTIER_ROWS = ("dense,sinks,sinks+full-layers:4,heads:0.05+sinks,heads:0.1+sinks,heads:0.25+sinks,"
                        "heads-nll:0.167+sinks,decode-heads:0.167+sinks,sinks+decode-global")
+assert sorted(",".join(GEMMA_FRONTIER_PROBES).split(",")) == sorted(GEMMA_FRONTIER_ROWS.split(","))
 ADAPTATION_ROWS = ("dense,sinks,sinks@ce,sinks@lr,heads:0.245+sinks,heads:0.245+sinks@ce,heads:0.245+sinks@lr,"
                    "sinks+decode-full,sinks+decode-full@ce,sinks+decode-full@lr")
 BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
@@ -80,13 +85,17 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
                          "--sink-sweep", "", "--prefill-rounds", "3", "--out", f"{R}/frontier_smollm2"], 45),
     "frontier": (["benchmarks/long_range_study.py", "--part", "probes", "--rows", FRONTIER_ROWS, "--sink-sweep", "",
                   "--ruler-lengths", "1024,2048,4096", "--ruler-limit", "30", "--out", f"{R}/frontier_smollm2"], 146),
-    # the same frontier on Gemma-3-270M, every layer at 512 (not run yet: minutes are SmolLM2's per-row rates x 2)
+    # the same frontier on Gemma-3-270M, every layer at 512 (probes not run yet: ~25 min a row, from a 3-sample
+    # RULER dry run and the Gemma study's probe minutes)
     "frontier_gemma3_timing": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "timing", "--rows",
                                 GEMMA_FRONTIER_ROWS, "--sink-sweep", "", "--prefill-rounds", "3",
                                 "--out", f"{R}/frontier_gemma3"], 70),
     "frontier_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes", "--rows",
-                         GEMMA_FRONTIER_ROWS, "--sink-sweep", "", "--ruler-lengths", "1024,2048,4096", "--ruler-limit",
-                         "30", "--out", f"{R}/frontier_gemma3"], 220),
+                         GEMMA_FRONTIER_PROBES[0], "--sink-sweep", "", "--ruler-lengths", "1024,2048,4096",
+                         "--ruler-limit", "30", "--out", f"{R}/frontier_gemma3"], 125),
+    "frontier_gemma3_more": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes", "--rows",
+                              GEMMA_FRONTIER_PROBES[1], "--sink-sweep", "", "--ruler-lengths", "1024,2048,4096",
+                              "--ruler-limit", "30", "--out", f"{R}/frontier_gemma3_more"], 100),
     # issue 30's before/after: each row untrained, after running-text LoRA (@ce) and long-range LoRA (@lr)
     "adaptation": (["benchmarks/long_range_study.py", "--part", "all", "--train-as-row", "--seq-len", "2176",
                     "--steps", "40", "--rows", ADAPTATION_ROWS, "--sink-sweep", "", "--distances", "128,512,2048",

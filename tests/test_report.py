@@ -382,6 +382,33 @@ def test_long_range_tables_show_intervals_and_name_the_closest_row(report, resul
     assert met == [] and "passkey 4k 4/10 below the unpatched model's interval [0.50, 1.00] by 0.10" in line
 
 
+def test_a_probes_table_split_over_commands_joins_its_parts_and_refuses_a_mismatch(report, results):
+    """frontier_gemma3's probes run as two commands (PROBE_PARTS): the table shows both parts' rows,
+    one provenance line each, and refuses parts with other columns or a row in both."""
+    def write(name, data):
+        with open(results / name, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(data[0]))
+            writer.writeheader()
+            writer.writerows(data)
+    for name in ("frontier_gemma3.csv", "frontier_gemma3_more.csv"):
+        (results / name).unlink(missing_ok=True)
+    assert "`frontier_gemma3.csv` not measured yet" in report.long_range("frontier_gemma3.csv")
+    write("frontier_gemma3.csv", [_long_range_row("dense", 1.0, "8/10"), _long_range_row("sinks", 0.0, "1/10")])
+    text = report.long_range("frontier_gemma3.csv")
+    assert "More rows: *(`frontier_gemma3_more.csv` not measured yet)*" in text and "| sinks |" in text
+    write("frontier_gemma3_more.csv", [_long_range_row("heads:0.1+sinks", 0.3, "4/10")])
+    text = report.long_range("frontier_gemma3.csv")
+    assert "More rows: `frontier_gemma3_more.csv`: `benchmarks/long_range_study.py" in text
+    assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "/10" in line] == [
+        "dense", "sinks", "heads:0.1+sinks"]
+    write("frontier_gemma3_more.csv", [_long_range_row("sinks", 0.0, "1/10")])
+    with pytest.raises(ValueError, match="more than one part"):
+        report.long_range("frontier_gemma3.csv")
+    write("frontier_gemma3_more.csv", [_long_range_row("heads:0.1+sinks", 0.3, "4/10", ruler_niah_single_1_1024="3/3")])
+    with pytest.raises(ValueError, match="different columns"):
+        report.long_range("frontier_gemma3.csv")
+
+
 def test_paired_rounds_warms_every_callable_alike_and_alternates_the_order():
     """Every callable gets one warm-up call before any timed round, ``prepare`` runs before each
     call, rounds alternate forward and reverse order, and the ratios are paired per round (so the
