@@ -80,9 +80,9 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
     "long_range_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes",
                            "--sink-sweep", ""], 65),
     # issue 29's frontier: calibrated heads and layers beside the window, decode-full and dense, with RULER;
-    # two parts, each fits a session here (probes: measured 2026-12-07; timing: an estimate, not run in full yet)
+    # two parts, each fits a session here (both measured 2026-12-07)
     "frontier_timing": (["benchmarks/long_range_study.py", "--part", "timing", "--rows", FRONTIER_ROWS,
-                         "--sink-sweep", "", "--prefill-rounds", "3", "--out", f"{R}/frontier_smollm2"], 45),
+                         "--sink-sweep", "", "--prefill-rounds", "3", "--out", f"{R}/frontier_smollm2"], 50),
     "frontier": (["benchmarks/long_range_study.py", "--part", "probes", "--rows", FRONTIER_ROWS, "--sink-sweep", "",
                   "--ruler-lengths", "1024,2048,4096", "--ruler-limit", "30", "--out", f"{R}/frontier_smollm2"], 146),
     # the same frontier on Gemma-3-270M, every layer at 512 (probes not run yet: ~25 min a row, from a 3-sample
