@@ -28,14 +28,15 @@ R = "benchmarks/results"
 FRONTIER_ROWS = ("dense,sinks,sinks+full-layers:4,layers-nll:0.125+sinks,layers-nll:0.25+sinks,heads:0.05+sinks,"
                  "heads:0.1+sinks,heads:0.25+sinks,heads-nll:0.1+sinks,decode-heads:0.1+sinks,decode-heads:0.25+sinks,"
                  "sinks+decode-full")
-# Gemma-3-270M has one KV head per layer: heads:S are whole layers (0.05 / 0.1 / 0.167 / 0.25 = 1 / 2 / 3 / 4 of 18),
-# heads-nll:0.167 is three calibrated layers in place of its three global ones
+# Gemma-3-270M has one KV head per layer, and calibrate() opens only layers trained without a window (its global
+# layers 5, 11, 17): heads:S are 1 / 2 of those three (0.05 / 0.1; 0.167 would be all three, the model's own
+# pattern), chosen by retrieval score or by NLL (heads-nll); every 4th layer full opens windowed-trained layers
 # its probes part runs in two commands (two CSVs the report joins): RULER's 128 generated tokens per sample cost Gemma
 # ~8 s at 1k (its 262k-token head), ~25 min a row, so the nine rows do not fit one session here
-GEMMA_FRONTIER_PROBES = ("dense,sinks,heads-nll:0.167+sinks,decode-heads:0.167+sinks,sinks+decode-global",
-                         "sinks+full-layers:4,heads:0.05+sinks,heads:0.1+sinks,heads:0.25+sinks")
-GEMMA_FRONTIER_ROWS = ("dense,sinks,sinks+full-layers:4,heads:0.05+sinks,heads:0.1+sinks,heads:0.25+sinks,"
-                       "heads-nll:0.167+sinks,decode-heads:0.167+sinks,sinks+decode-global")
+GEMMA_FRONTIER_PROBES = ("dense,sinks,heads:0.1+sinks,decode-heads:0.1+sinks,sinks+decode-global",
+                         "sinks+full-layers:4,heads:0.05+sinks,heads-nll:0.05+sinks,heads-nll:0.1+sinks")
+GEMMA_FRONTIER_ROWS = ("dense,sinks,sinks+full-layers:4,heads:0.05+sinks,heads-nll:0.05+sinks,heads:0.1+sinks,"
+                       "heads-nll:0.1+sinks,decode-heads:0.1+sinks,sinks+decode-global")
 assert sorted(",".join(GEMMA_FRONTIER_PROBES).split(",")) == sorted(GEMMA_FRONTIER_ROWS.split(","))
 ADAPTATION_ROWS = ("dense,sinks,sinks@ce,sinks@lr,heads:0.245+sinks,heads:0.245+sinks@ce,heads:0.245+sinks@lr,"
                    "sinks+decode-full,sinks+decode-full@ce,sinks+decode-full@lr")
