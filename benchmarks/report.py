@@ -506,6 +506,19 @@ def _prefill_name(name):
     return name.removesuffix(".csv") + "_prefill.csv"
 
 
+def _timing_alone(name):
+    """The timing part's own table, for a study whose probes part has not run yet ('' if neither)."""
+    timing = rows(name)
+    if not timing:
+        return ""
+    k = _tokens(timing[0]["tokens"])
+    body = [[t["config"], f"{f(t['prefill_s'])} ({f(t['prefill_s_min'])}–{f(t['prefill_s_max'])})",
+             f"{float(t['prefill_speedup_vs_dense']):.2f}x", f(t["prefill_warmup_s"]), t["kv_mib"]] for t in timing]
+    return (f"\n\nPrefill: {source(name)}\n\n{MODEL_TITLES[timing[0]['model']]}, window {timing[0]['window']}, "
+            "timing part only:\n\n" + table(["configuration", f"prefill {k} s (min–max)", "vs unpatched",
+                                              "warm-up s", f"KV MiB at {k}"], body))
+
+
 # A study's probes part run as several commands, each on some of the rows (so each fits a session here):
 # its first CSV -> the others, whose rows the table appends, each with its own provenance line.
 PROBE_PARTS = {"frontier_gemma3.csv": ("frontier_gemma3_more.csv",)}
@@ -519,7 +532,7 @@ def long_range(name="long_range_study.csv", verdict=None):
     :func:`long_range_target`'s."""
     parts = [n for n in (name, *PROBE_PARTS.get(name, ())) if rows(n)]
     if not parts:
-        return source(name)
+        return source(name) + _timing_alone(_prefill_name(name))
     data = [r for n in parts for r in rows(n)]
     if any(set(r) != set(data[0]) for r in data):
         raise ValueError(f"{', '.join(parts)}: the parts of one probes table have different columns (other "

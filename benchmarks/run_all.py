@@ -86,11 +86,11 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
                          "--sink-sweep", "", "--prefill-rounds", "3", "--out", f"{R}/frontier_smollm2"], 50),
     "frontier": (["benchmarks/long_range_study.py", "--part", "probes", "--rows", FRONTIER_ROWS, "--sink-sweep", "",
                   "--ruler-lengths", "1024,2048,4096", "--ruler-limit", "30", "--out", f"{R}/frontier_smollm2"], 146),
-    # the same frontier on Gemma-3-270M, every layer at 512 (probes not run yet: ~25 min a row, from a 3-sample
-    # RULER dry run and the Gemma study's probe minutes)
+    # the same frontier on Gemma-3-270M, every layer at 512 (timing measured 2026-12-07; probes not run yet: ~25 min
+    # a row, from a 3-sample RULER dry run and the Gemma study's probe minutes)
     "frontier_gemma3_timing": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "timing", "--rows",
                                 GEMMA_FRONTIER_ROWS, "--sink-sweep", "", "--prefill-rounds", "3",
-                                "--out", f"{R}/frontier_gemma3"], 70),
+                                "--out", f"{R}/frontier_gemma3"], 35),
     "frontier_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes", "--rows",
                          GEMMA_FRONTIER_PROBES[0], "--sink-sweep", "", "--ruler-lengths", "1024,2048,4096",
                          "--ruler-limit", "30", "--out", f"{R}/frontier_gemma3"], 125),

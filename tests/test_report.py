@@ -390,9 +390,13 @@ def test_a_probes_table_split_over_commands_joins_its_parts_and_refuses_a_mismat
             writer = csv.DictWriter(fh, fieldnames=list(data[0]))
             writer.writeheader()
             writer.writerows(data)
-    for name in ("frontier_gemma3.csv", "frontier_gemma3_more.csv"):
+    for name in ("frontier_gemma3.csv", "frontier_gemma3_more.csv", "frontier_gemma3_prefill.csv"):
         (results / name).unlink(missing_ok=True)
-    assert "`frontier_gemma3.csv` not measured yet" in report.long_range("frontier_gemma3.csv")
+    assert report.long_range("frontier_gemma3.csv") == "*(`frontier_gemma3.csv` not measured yet)*"
+    write("frontier_gemma3_prefill.csv", [_prefill_row("dense", 1.0), _prefill_row("sinks", 2.0)])
+    text = report.long_range("frontier_gemma3.csv")                     # the timing part alone: its own table
+    assert "not measured yet" in text and "Gemma-3-270M, window 512, timing part only" in text
+    assert "| sinks | 20.00 (1.00–99.00) | 2.00x | 3.00 | 10.0 |" in text
     write("frontier_gemma3.csv", [_long_range_row("dense", 1.0, "8/10"), _long_range_row("sinks", 0.0, "1/10")])
     text = report.long_range("frontier_gemma3.csv")
     assert "More rows: *(`frontier_gemma3_more.csv` not measured yet)*" in text and "| sinks |" in text
