@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import load_texts, pack  # noqa: E402
 from long_range_data import TASKS as LONG_RANGE_TASKS  # noqa: E402
 from long_range_data import long_range_examples  # noqa: E402
-from lora_targets import embedding_and_norm_modules, lora_targets  # noqa: E402
+from lora_targets import embedding_and_norm_modules, lora_targets, modules_named  # noqa: E402
 from tracking import JSONLTracker  # noqa: E402
 
 logger = logging.getLogger("finetune_lora")
@@ -202,8 +202,8 @@ def load_model(args, accelerator):
     lora = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules or lora_targets(model_type),
-                      modules_to_save=embedding_and_norm_modules(model_type) if args.train_embeddings_norms
-                      else None,
+                      modules_to_save=modules_named(model, embedding_and_norm_modules(model_type))
+                      if args.train_embeddings_norms else None,
                       # tied input/output embeddings stay tied when the embeddings are trained
                       ensure_weight_tying=bool(args.train_embeddings_norms
                                                and getattr(text_config, "tie_word_embeddings", False)))

@@ -1,6 +1,7 @@
 """Per-family LoRA defaults, the one place they live: which linear layers get adapters
 (attention and MLP projections) and, for LongLoRA-style runs, which modules are trained
-in full (embeddings and norms; matched by name suffix, as peft's ``modules_to_save`` does)."""
+in full (embeddings and norms, given as name suffixes: :func:`modules_named` resolves them to the
+model's module names, as peft's ``modules_to_save`` matched them itself before 0.22)."""
 from __future__ import annotations
 
 _LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -35,6 +36,17 @@ def lora_targets(model_type: str) -> list[str]:
 
 def embedding_and_norm_modules(model_type: str) -> list[str]:
     return list(_row(model_type)[1])
+
+
+def modules_named(model, suffixes) -> list[str]:
+    """The module names (last dotted component) of ``model`` whose full name ends with one of
+    ``suffixes``: ``norm`` -> ``input_layernorm``, ``post_attention_layernorm``, ``norm``.  peft
+    up to 0.21 matched ``modules_to_save`` entries as suffixes of the full name; 0.22 matches whole
+    name components only, so ``norm`` alone would train the final norm and silently not the layers'."""
+    names = sorted({key.rsplit(".", 1)[-1] for key, _ in model.named_modules() if key.endswith(tuple(suffixes))})
+    if not names:
+        raise ValueError(f"no module of {type(model).__name__} ends with any of {list(suffixes)}")
+    return names
 
 
 def _row(model_type: str):

@@ -160,7 +160,11 @@ def test_longlora_option_trains_tied_embeddings_and_norms(tmp_path):
                        "--train-embeddings-norms"])
     _, model, _ = load_model(args, Accelerator(cpu=True))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any("embed_tokens" in n for n in trainable) and any("input_layernorm" in n for n in trainable)
+    trained_in_full = {n.split(".modules_to_save")[0].removeprefix("base_model.model.") for n in trainable
+                       if ".modules_to_save." in n}
+    layers = len(model.get_base_model().model.layers)
+    assert trained_in_full == {"model.embed_tokens", "model.norm"} | {
+        f"model.layers.{i}.{norm}" for i in range(layers) for norm in ("input_layernorm", "post_attention_layernorm")}
     assert any("lora_A" in n and "down_proj" in n for n in trainable)
     base = model.get_base_model()
     # the output head follows the trained copy of the input embeddings
