@@ -506,14 +506,21 @@ def _prefill_name(name):
     return name.removesuffix(".csv") + "_prefill.csv"
 
 
+def _speed_cells(t):
+    """A timing-part row's prefill (min–max), speed-up over the unpatched model, warm-up and KV cells."""
+    if not t:
+        return ["not measured", "–", "–", "–"]
+    return [f"{f(t['prefill_s'])} ({f(t['prefill_s_min'])}–{f(t['prefill_s_max'])})",
+            f"{float(t['prefill_speedup_vs_dense']):.2f}x", f(t["prefill_warmup_s"]), t["kv_mib"]]
+
+
 def _timing_alone(name):
     """The timing part's own table, for a study whose probes part has not run yet ('' if neither)."""
     timing = rows(name)
     if not timing:
         return ""
     k = _tokens(timing[0]["tokens"])
-    body = [[t["config"], f"{f(t['prefill_s'])} ({f(t['prefill_s_min'])}–{f(t['prefill_s_max'])})",
-             f"{float(t['prefill_speedup_vs_dense']):.2f}x", f(t["prefill_warmup_s"]), t["kv_mib"]] for t in timing]
+    body = [[t["config"], *_speed_cells(t)] for t in timing]
     return (f"\n\nPrefill: {source(name)}\n\n{MODEL_TITLES[timing[0]['model']]}, window {timing[0]['window']}, "
             "timing part only:\n\n" + table(["configuration", f"prefill {k} s (min–max)", "vs unpatched",
                                               "warm-up s", f"KV MiB at {k}"], body))
@@ -530,10 +537,10 @@ def long_range(name="long_range_study.csv", verdict=None):
     timing part (``*_prefill.csv``, its own command and commit), with bootstrap intervals where the
     CSV has them, then the target's verdict: ``verdict(data, timing)``'s sentence, or
     :func:`long_range_target`'s."""
-    parts = [n for n in (name, *PROBE_PARTS.get(name, ())) if rows(n)]
+    parts = {n: part for n in (name, *PROBE_PARTS.get(name, ())) if (part := rows(n))}
     if not parts:
         return source(name) + _timing_alone(_prefill_name(name))
-    data = [r for n in parts for r in rows(n)]
+    data = [r for part in parts.values() for r in part]
     if any(set(r) != set(data[0]) for r in data):
         raise ValueError(f"{', '.join(parts)}: the parts of one probes table have different columns (other "
                          "probe settings); rerun them with run_all's commands")
@@ -553,10 +560,7 @@ def long_range(name="long_range_study.csv", verdict=None):
         label = r["config"] + (f" + LoRA ({r['adapter']})" if r["adapter"] else "")
         keys = [_with_interval(r, f"passkey_{n}", 2) + (f" (end {_with_interval(r, f'passkey_{n}_prompt_end', 2)})"
                                                        if r.get(f"passkey_{n}_prompt_end") else "") for n in lengths]
-        t = timing.get(r["config"])
-        speed = ([f"{f(t['prefill_s'])} ({f(t['prefill_s_min'])}–{f(t['prefill_s_max'])})",
-                  f"{float(t['prefill_speedup_vs_dense']):.2f}x", f(t["prefill_warmup_s"]), t["kv_mib"]] if t else
-                 ["not measured", "–", "–", "–"])
+        speed = _speed_cells(timing.get(r["config"]))
         body.append([label, *(_with_interval(r, f"recall_{d}", 2) for d in ("W/2", "2W", "8W")),
                      f"{r['effective_reach']} ({r['receptive_field']})", *keys,
                      *(_with_interval(r, c, 2) for c in rulers), r["heldout_ppl"], *speed])

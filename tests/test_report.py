@@ -317,6 +317,13 @@ def _provenance(command):
             "threads": "2", "torch": "2.13.0+cpu", "transformers": "5.24.0", "settings": "{}"}
 
 
+def _write_csv(path, data):
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(data[0]))
+        writer.writeheader()
+        writer.writerows(data)
+
+
 def _long_range_row(row, recall_8w, passkey, **extra):
     """One row of long_range_study*.csv as the study's probes part writes it (with intervals)."""
     config, _, adapter = row.partition("@")
@@ -348,21 +355,16 @@ def test_long_range_tables_show_intervals_and_name_the_closest_row(report, resul
     timing.unlink(missing_ok=True)
     assert "not measured yet" in report.long_range("long_range_study_gemma3.csv")
 
-    def write(to, data):
-        with open(to, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(data[0]))
-            writer.writeheader()
-            writer.writerows(data)
     data = [_long_range_row("dense", 1.0, "8/10"), _long_range_row("native", 0.95, "5/10"),
             _long_range_row("sinks+decode-global", 0.87, "8/10")]
     data[2]["passkey_4096_prompt_end"], data[2]["passkey_4096_prompt_end_lo"] = "2/10", "0.00"
     data[2]["passkey_4096_prompt_end_hi"] = "0.40"
-    write(path, data)
+    _write_csv(path, data)
     text = report.long_range("long_range_study_gemma3.csv")              # probes without their timing part
     assert "| not measured | – |" in text and "`long_range_study_gemma3_prefill.csv` not measured yet" in text
     met, line = report.long_range_target("long_range_study_gemma3.csv")
     assert met == [] and "prefill not measured" in line
-    write(timing, [_prefill_row("dense", 1.0), _prefill_row("native", 1.2), _prefill_row("sinks+decode-global", 2.0)])
+    _write_csv(timing, [_prefill_row("dense", 1.0), _prefill_row("native", 1.2), _prefill_row("sinks+decode-global", 2.0)])
     text = report.long_range("long_range_study_gemma3.csv")
     assert text.startswith("`long_range_study_gemma3.csv`: `benchmarks/long_range_study.py --model gemma3-270m --part probes`")
     assert "Prefill: `long_range_study_gemma3_prefill.csv`: `benchmarks/long_range_study.py --model gemma3-270m --part timing`" in text
@@ -373,11 +375,11 @@ def test_long_range_tables_show_intervals_and_name_the_closest_row(report, resul
     met, line = report.long_range_target("long_range_study_gemma3.csv")
     assert met == [] and "native" not in line                     # native misses by more: prefill 1.20x
     data[2]["recall_8W"] = "0.900"
-    write(path, data)
+    _write_csv(path, data)
     assert report.long_range_target("long_range_study_gemma3.csv") == (
         ["sinks+decode-global"], "met by sinks+decode-global")
     data[2]["passkey_4096"] = "4/10"                                # below dense's interval [0.50, 1.00]
-    write(path, data)
+    _write_csv(path, data)
     met, line = report.long_range_target("long_range_study_gemma3.csv")
     assert met == [] and "passkey 4k 4/10 below the unpatched model's interval [0.50, 1.00] by 0.10" in line
 
@@ -386,10 +388,7 @@ def test_a_probes_table_split_over_commands_joins_its_parts_and_refuses_a_mismat
     """frontier_gemma3's probes run as two commands (PROBE_PARTS): the table shows both parts' rows,
     one provenance line each, and refuses parts with other columns or a row in both."""
     def write(name, data):
-        with open(results / name, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(data[0]))
-            writer.writeheader()
-            writer.writerows(data)
+        _write_csv(results / name, data)
     for name in ("frontier_gemma3.csv", "frontier_gemma3_more.csv", "frontier_gemma3_prefill.csv"):
         (results / name).unlink(missing_ok=True)
     assert report.long_range("frontier_gemma3.csv") == "*(`frontier_gemma3.csv` not measured yet)*"
