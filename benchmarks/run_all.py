@@ -93,10 +93,10 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
                                 "--out", f"{R}/frontier_gemma3"], 35),
     "frontier_gemma3": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes", "--rows",
                          GEMMA_FRONTIER_PROBES[0], "--sink-sweep", "", "--ruler-lengths", "1024,2048,4096",
-                         "--ruler-limit", "30", "--out", f"{R}/frontier_gemma3"], 125),
+                         "--ruler-limit", "30", "--out", f"{R}/frontier_gemma3"], 141),
     "frontier_gemma3_more": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes", "--rows",
                               GEMMA_FRONTIER_PROBES[1], "--sink-sweep", "", "--ruler-lengths", "1024,2048,4096",
-                              "--ruler-limit", "30", "--out", f"{R}/frontier_gemma3_more"], 100),
+                              "--ruler-limit", "30", "--out", f"{R}/frontier_gemma3_more"], 115),
     # issue 30's before/after: each row untrained, after running-text LoRA (@ce) and long-range LoRA (@lr)
     "adaptation": (["benchmarks/long_range_study.py", "--part", "all", "--train-as-row", "--seq-len", "2176",
                     "--steps", "40", "--rows", ADAPTATION_ROWS, "--sink-sweep", "", "--distances", "128,512,2048",
