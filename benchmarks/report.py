@@ -497,8 +497,13 @@ def _with_interval(r, col, digits):
     if not value:
         return "–"
     if "/" not in value and lo:
-        value = f"{float(value):.{digits}f}"
-    return f"{value} [{float(lo):.{digits}f}, {float(hi):.{digits}f}]" if lo else value
+        value = _fixed(value, digits)
+    return f"{value} [{_fixed(lo, digits)}, {_fixed(hi, digits)}]" if lo else value
+
+
+def _fixed(x, digits):
+    """``x`` to ``digits`` decimals, with no "-0.00" for a tiny negative (adding 0.0 turns -0.0 into 0.0)."""
+    return f"{round(float(x), digits) + 0.0:.{digits}f}"
 
 
 def _prefill_name(name):

@@ -349,6 +349,13 @@ def _prefill_row(config, speedup):
             **_provenance("benchmarks/long_range_study.py --model gemma3-270m --part timing")}
 
 
+def test_an_interval_rounding_to_zero_prints_no_minus_sign(report):
+    row = {"recall_8W": "-0.001", "recall_8W_lo": "-0.004", "recall_8W_hi": "0.002"}
+    assert report._with_interval(row, "recall_8W", 2) == "0.00 [0.00, 0.00]"
+    row["recall_8W_lo"] = "-0.006"                                # a real negative keeps its sign
+    assert report._with_interval(row, "recall_8W", 2) == "0.00 [-0.01, 0.00]"
+
+
 def test_long_range_tables_show_intervals_and_name_the_closest_row(report, results):
     path, timing = results / "long_range_study_gemma3.csv", results / "long_range_study_gemma3_prefill.csv"
     path.unlink(missing_ok=True)
@@ -387,27 +394,25 @@ def test_long_range_tables_show_intervals_and_name_the_closest_row(report, resul
 def test_a_probes_table_split_over_commands_joins_its_parts_and_refuses_a_mismatch(report, results):
     """frontier_gemma3's probes run as two commands (PROBE_PARTS): the table shows both parts' rows,
     one provenance line each, and refuses parts with other columns or a row in both."""
-    def write(name, data):
-        _write_csv(results / name, data)
     for name in ("frontier_gemma3.csv", "frontier_gemma3_more.csv", "frontier_gemma3_prefill.csv"):
         (results / name).unlink(missing_ok=True)
     assert report.long_range("frontier_gemma3.csv") == "*(`frontier_gemma3.csv` not measured yet)*"
-    write("frontier_gemma3_prefill.csv", [_prefill_row("dense", 1.0), _prefill_row("sinks", 2.0)])
+    _write_csv(results / "frontier_gemma3_prefill.csv", [_prefill_row("dense", 1.0), _prefill_row("sinks", 2.0)])
     text = report.long_range("frontier_gemma3.csv")                     # the timing part alone: its own table
     assert "not measured yet" in text and "Gemma-3-270M, window 512, timing part only" in text
     assert "| sinks | 20.00 (1.00–99.00) | 2.00x | 3.00 | 10.0 |" in text
-    write("frontier_gemma3.csv", [_long_range_row("dense", 1.0, "8/10"), _long_range_row("sinks", 0.0, "1/10")])
+    _write_csv(results / "frontier_gemma3.csv", [_long_range_row("dense", 1.0, "8/10"), _long_range_row("sinks", 0.0, "1/10")])
     text = report.long_range("frontier_gemma3.csv")
     assert "More rows: *(`frontier_gemma3_more.csv` not measured yet)*" in text and "| sinks |" in text
-    write("frontier_gemma3_more.csv", [_long_range_row("heads:0.1+sinks", 0.3, "4/10")])
+    _write_csv(results / "frontier_gemma3_more.csv", [_long_range_row("heads:0.1+sinks", 0.3, "4/10")])
     text = report.long_range("frontier_gemma3.csv")
     assert "More rows: `frontier_gemma3_more.csv`: `benchmarks/long_range_study.py" in text
     assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "/10" in line] == [
         "dense", "sinks", "heads:0.1+sinks"]
-    write("frontier_gemma3_more.csv", [_long_range_row("sinks", 0.0, "1/10")])
+    _write_csv(results / "frontier_gemma3_more.csv", [_long_range_row("sinks", 0.0, "1/10")])
     with pytest.raises(ValueError, match="more than one part"):
         report.long_range("frontier_gemma3.csv")
-    write("frontier_gemma3_more.csv", [_long_range_row("heads:0.1+sinks", 0.3, "4/10", ruler_niah_single_1_1024="3/3")])
+    _write_csv(results / "frontier_gemma3_more.csv", [_long_range_row("heads:0.1+sinks", 0.3, "4/10", ruler_niah_single_1_1024="3/3")])
     with pytest.raises(ValueError, match="different columns"):
         report.long_range("frontier_gemma3.csv")
 
