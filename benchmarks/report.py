@@ -494,7 +494,7 @@ def _passkey_lengths(row):
 def _with_interval(r, col, digits):
     """``value [lo, hi]`` where the CSV has the interval (recall to 2 decimals, passkey as hits/n)."""
     value, lo, hi = r.get(col, ""), r.get(f"{col}_lo"), r.get(f"{col}_hi")
-    if not value:
+    if not value or value == "nan":
         return "–"
     if "/" not in value and lo:
         value = _fixed(value, digits)
@@ -560,14 +560,16 @@ def long_range(name="long_range_study.csv", verdict=None):
               + [f"passkey {_tokens(n)}" for n in lengths]
               + [f"RULER {c[6:].rsplit('_', 1)[0]} {_tokens(c.rsplit('_', 1)[1])}" for c in rulers]
               + ["held-out ppl", f"prefill {k} s (min–max)", "vs unpatched", "warm-up s", f"KV MiB at {k}"])
-    body = []
+    body, unpaired = [], []
     for r in data:
         label = r["config"] + (f" + LoRA ({r['adapter']})" if r["adapter"] else "")
+        if r["recall_8W"] == "nan":
+            unpaired.append(label)
         keys = [_with_interval(r, f"passkey_{n}", 2) + (f" (end {_with_interval(r, f'passkey_{n}_prompt_end', 2)})"
                                                        if r.get(f"passkey_{n}_prompt_end") else "") for n in lengths]
         speed = _speed_cells(timing.get(r["config"]))
         body.append([label, *(_with_interval(r, f"recall_{d}", 2) for d in ("W/2", "2W", "8W")),
-                     f"{r['effective_reach']} ({r['receptive_field']})", *keys,
+                     f"{'–' if r['recall_8W'] == 'nan' else r['effective_reach']} ({r['receptive_field']})", *keys,
                      *(_with_interval(r, c, 2) for c in rulers), r["heldout_ppl"], *speed])
     title = MODEL_TITLES[data[0].get("model") or "smollm2-135m"]
     if verdict is not None:
@@ -578,6 +580,9 @@ def long_range(name="long_range_study.csv", verdict=None):
                   else "within one hit of the unpatched model's, as this CSV has no intervals")
         sentence = (f"Target (prefill ≥ 1.5x the unpatched model, recall ≥ 0.9 at 8W, passkey at every length "
                     f"{within}): {'**met**' if met else '**not met**'}: {text}.")
+    if unpaired:          # the study writes nan (and a reach read off nan) where its command had no dense row
+        sentence = (f"Copy recall and reach of {', '.join(unpaired)}: – (recall is a ratio to dense's drop, paired "
+                    "per trial, and their command ran no dense row).\n\n" + sentence)
     sources = "\n\n".join([source(name)] + [f"More rows: {source(n)}" for n in PROBE_PARTS.get(name, ())])
     return (f"{sources}\n\nPrefill: {source(_prefill_name(name))}\n\n{title}, window {data[0]['window']}:\n\n"
             + table(header, body) + "\n\n" + sentence)

@@ -33,6 +33,7 @@ FRONTIER_ROWS = ("dense,sinks,sinks+full-layers:4,layers-nll:0.125+sinks,layers-
 # pattern), chosen by retrieval score or by NLL (heads-nll); every 4th layer full opens windowed-trained layers
 # its probes part runs in two commands (two CSVs the report joins): RULER's 128 generated tokens per sample cost Gemma
 # ~9 s at 1k and ~15 s at 4k (its 262k-token head), ~28 min a row, so the nine rows do not fit one session here
+# (the second has no dense row, so the study computes no copy recall for its rows: a ratio to dense, paired per trial)
 GEMMA_FRONTIER_PROBES = ("dense,sinks,heads:0.1+sinks,decode-heads:0.1+sinks,sinks+decode-global",
                          "sinks+full-layers:4,heads:0.05+sinks,heads-nll:0.05+sinks,heads-nll:0.1+sinks")
 GEMMA_FRONTIER_ROWS = ("dense,sinks,sinks+full-layers:4,heads:0.05+sinks,heads-nll:0.05+sinks,heads:0.1+sinks,"
@@ -86,8 +87,7 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
                          "--sink-sweep", "", "--prefill-rounds", "3", "--out", f"{R}/frontier_smollm2"], 50),
     "frontier": (["benchmarks/long_range_study.py", "--part", "probes", "--rows", FRONTIER_ROWS, "--sink-sweep", "",
                   "--ruler-lengths", "1024,2048,4096", "--ruler-limit", "30", "--out", f"{R}/frontier_smollm2"], 146),
-    # the same frontier on Gemma-3-270M, every layer at 512 (timing and the first probes part measured 2026-12-07;
-    # the second part's minutes are estimated from the first's ~28 min a row)
+    # the same frontier on Gemma-3-270M, every layer at 512 (all three parts measured 2026-12-07, ~28 min a row)
     "frontier_gemma3_timing": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "timing", "--rows",
                                 GEMMA_FRONTIER_ROWS, "--sink-sweep", "", "--prefill-rounds", "3",
                                 "--out", f"{R}/frontier_gemma3"], 35),
@@ -96,7 +96,7 @@ BENCHMARKS = {   # name: (command, minutes on 2 cores in the last run here)
                          "--ruler-limit", "30", "--out", f"{R}/frontier_gemma3"], 141),
     "frontier_gemma3_more": (["benchmarks/long_range_study.py", "--model", "gemma3-270m", "--part", "probes", "--rows",
                               GEMMA_FRONTIER_PROBES[1], "--sink-sweep", "", "--ruler-lengths", "1024,2048,4096",
-                              "--ruler-limit", "30", "--out", f"{R}/frontier_gemma3_more"], 115),
+                              "--ruler-limit", "30", "--out", f"{R}/frontier_gemma3_more"], 109),
     # issue 30's before/after: each row untrained, after running-text LoRA (@ce) and long-range LoRA (@lr)
     "adaptation": (["benchmarks/long_range_study.py", "--part", "all", "--train-as-row", "--seq-len", "2176",
                     "--steps", "40", "--rows", ADAPTATION_ROWS, "--sink-sweep", "", "--distances", "128,512,2048",

@@ -409,6 +409,11 @@ def test_a_probes_table_split_over_commands_joins_its_parts_and_refuses_a_mismat
     assert "More rows: `frontier_gemma3_more.csv`: `benchmarks/long_range_study.py" in text
     assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "/10" in line] == [
         "dense", "sinks", "heads:0.1+sinks"]
+    no_dense = {f"recall_{d}{s}": "nan" for d in ("W/2", "2W", "8W") for s in ("", "_lo", "_hi")}
+    _write_csv(results / "frontier_gemma3_more.csv", [_long_range_row("heads:0.1+sinks", 0.3, "4/10", **no_dense)])
+    text = report.long_range("frontier_gemma3.csv")     # a part without dense: no recall, and no reach read off nan
+    assert "| heads:0.1+sinks | – | – | – | – (all) | 4/10" in text and "nan" not in text
+    assert "Copy recall and reach of heads:0.1+sinks: – (recall is a ratio to dense's drop" in text
     _write_csv(results / "frontier_gemma3_more.csv", [_long_range_row("sinks", 0.0, "1/10")])
     with pytest.raises(ValueError, match="more than one part"):
         report.long_range("frontier_gemma3.csv")
