@@ -538,6 +538,9 @@ def run_cli(args) -> int:
     from .models import load_model, load_text
 
     configs = parse_configs(args.compare)
+    if "dense" not in configs:      # else every recall is nan, and a reach read off nan would claim the longest D
+        raise SystemExit(f"--compare: copy recall is a share of dense's NLL drop, so the list must include "
+                         f"'dense'; got {args.compare!r}")
     distances = _int_list(args.distances) if args.distances else default_distances(args.window)
     lengths = _int_list(args.passkey_lengths) if args.passkey_lengths else []
     depths = [float(x) for x in args.depths.split(",") if x.strip()]

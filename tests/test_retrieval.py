@@ -196,6 +196,8 @@ def test_eval_retrieval_command(tmp_path):
     assert {r["receptive_field"] for r in copy if r["config"] == "window"} == {str(2 * 15 + 1)}
     assert len([r for r in rows if r["probe"] == "passkey"]) == 3
     assert plot.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="--compare: copy recall is a share of dense's NLL drop.*'window,sinks'"):
+        main(["eval", "retrieval", "--model", str(tmp_path / "missing"), "--compare", "window,sinks"])
 
 
 @pytest.mark.slow
