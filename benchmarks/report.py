@@ -111,6 +111,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # commit, import or use from that file); otherwise the table stays stale and says which names.
 # tests/test_report.py checks that each commit exists and changed that file.
 REVIEWED = {
+    "swa_patch/retrieval.py": {
+        "a9bf982": "run_cli (the swa-patch eval retrieval command) refuses a --compare without dense; no study calls it",
+    },
     "benchmarks/common.py": {
         "e92908d": "adds paired_rounds(), which no script measured before it could call",
         "c84e3d4": "drops timed(), which no benchmark called any more",
