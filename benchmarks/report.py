@@ -1004,7 +1004,8 @@ def t_distill():
     ce, kd = _study("sinks", "ce"), _study("sinks", "distill")
     ce_ppl, kd_ppl = float(ce["heldout_ppl"]), float(kd["heldout_ppl"])
     return kd_ppl < ce_ppl, (f"windowed ppl {kd_ppl:.3f} (distill) vs {ce_ppl:.3f} (CE); copy recall at W/2 "
-                             f"{kd['recall_W/2']} vs {ce['recall_W/2']}, at 2W {kd['recall_2W']} vs {ce['recall_2W']}")
+                             f"{_fixed(kd['recall_W/2'], 3)} vs {_fixed(ce['recall_W/2'], 3)}, at 2W "
+                             f"{_fixed(kd['recall_2W'], 3)} vs {_fixed(ce['recall_2W'], 3)}")
 
 
 # ---- Gemma-3-270M, the second real model ----------------------------------------------------
