@@ -566,13 +566,14 @@ def long_range(name="long_range_study.csv", verdict=None):
     body, unpaired = [], []
     for r in data:
         label = r["config"] + (f" + LoRA ({r['adapter']})" if r["adapter"] else "")
-        if r["recall_8W"] == "nan":
+        no_dense = r["recall_8W"] == "nan"      # the study writes nan (and a reach read off nan) without dense
+        if no_dense:
             unpaired.append(label)
         keys = [_with_interval(r, f"passkey_{n}", 2) + (f" (end {_with_interval(r, f'passkey_{n}_prompt_end', 2)})"
                                                        if r.get(f"passkey_{n}_prompt_end") else "") for n in lengths]
         speed = _speed_cells(timing.get(r["config"]))
         body.append([label, *(_with_interval(r, f"recall_{d}", 2) for d in ("W/2", "2W", "8W")),
-                     f"{'–' if r['recall_8W'] == 'nan' else r['effective_reach']} ({r['receptive_field']})", *keys,
+                     f"{'–' if no_dense else r['effective_reach']} ({r['receptive_field']})", *keys,
                      *(_with_interval(r, c, 2) for c in rulers), r["heldout_ppl"], *speed])
     title = MODEL_TITLES[data[0].get("model") or "smollm2-135m"]
     if verdict is not None:
@@ -583,7 +584,7 @@ def long_range(name="long_range_study.csv", verdict=None):
                   else "within one hit of the unpatched model's, as this CSV has no intervals")
         sentence = (f"Target (prefill ≥ 1.5x the unpatched model, recall ≥ 0.9 at 8W, passkey at every length "
                     f"{within}): {'**met**' if met else '**not met**'}: {text}.")
-    if unpaired:          # the study writes nan (and a reach read off nan) where its command had no dense row
+    if unpaired:
         sentence = (f"Copy recall and reach of {', '.join(unpaired)}: – (recall is a ratio to dense's drop, paired "
                     "per trial, and their command ran no dense row).\n\n" + sentence)
     sources = "\n\n".join([source(name)] + [f"More rows: {source(n)}" for n in PROBE_PARTS.get(name, ())])
